@@ -1,0 +1,353 @@
+//! Protocol tests over in-memory pipes: every message round-trips, and every kind of bad
+//! input gives a typed error rather than a panic.
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+use tinyci_proto::*;
+use tokio::io::{duplex, AsyncWriteExt};
+use tokio_util::bytes::BytesMut;
+use tokio_util::codec::Decoder;
+
+fn sha(n: u8) -> CommitId {
+    CommitId::parse(&format!("{:040x}", n as u128 * 0x1234_5678_9abc_def1)).unwrap()
+}
+
+fn report() -> RunReport {
+    RunReport {
+        status: RunStatus::Failure,
+        steps: vec![
+            StepReport {
+                name: "lint".into(),
+                status: StepStatus::Success,
+                exit_code: Some(0),
+                duration_ms: 12,
+            },
+            StepReport {
+                name: "test".into(),
+                status: StepStatus::Timeout,
+                exit_code: None,
+                duration_ms: 5000,
+            },
+            StepReport {
+                name: "pkg".into(),
+                status: StepStatus::Skipped,
+                exit_code: None,
+                duration_ms: 0,
+            },
+        ],
+        error: Some("x".into()),
+    }
+}
+
+fn to_dispatcher() -> Vec<ToDispatcher> {
+    vec![
+        ToDispatcher::Submit {
+            commits: vec![sha(1), sha(2)],
+        },
+        ToDispatcher::Register {
+            addr: "127.0.0.1:8900".into(),
+            held: None,
+        },
+        ToDispatcher::Register {
+            addr: "127.0.0.1:8901".into(),
+            held: Some(HeldJob {
+                job: JobId::new(),
+                commit: sha(3),
+                finished: true,
+            }),
+        },
+        ToDispatcher::Pong { seq: 7 },
+        ToDispatcher::Log {
+            job: JobId::new(),
+            offset: 99,
+            data: b"[test] ok\n".to_vec(),
+        },
+        ToDispatcher::Done {
+            job: JobId::new(),
+            report: report(),
+            log_len: 10,
+        },
+    ]
+}
+
+fn from_dispatcher() -> Vec<FromDispatcher> {
+    vec![
+        FromDispatcher::Submitted {
+            queued: 2,
+            known: 1,
+        },
+        FromDispatcher::Registered {
+            runner: RunnerId(4),
+            held: Some(HeldVerdict::Adopt { log_offset: 5 }),
+        },
+        FromDispatcher::Registered {
+            runner: RunnerId(5),
+            held: Some(HeldVerdict::Drop {
+                reason: "superseded".into(),
+            }),
+        },
+        FromDispatcher::Assign {
+            job: JobId::new(),
+            commit: sha(9),
+        },
+        FromDispatcher::Ping { seq: 1 },
+        FromDispatcher::ResultAck {
+            job: JobId::new(),
+            accepted: false,
+        },
+        FromDispatcher::Error {
+            reason: "bad".into(),
+        },
+    ]
+}
+
+#[tokio::test]
+async fn every_message_round_trips_over_a_pipe() {
+    let (a, b) = duplex(1 << 16);
+    let mut a = Connection::new(a);
+    let mut b = Connection::new(b);
+    for m in to_dispatcher() {
+        a.send(&m).await.unwrap();
+        assert_eq!(b.recv::<ToDispatcher>().await.unwrap(), Some(m));
+    }
+    for m in from_dispatcher() {
+        b.send(&m).await.unwrap();
+        assert_eq!(a.recv::<FromDispatcher>().await.unwrap(), Some(m));
+    }
+    a.send(&ToRunner::Status).await.unwrap();
+    assert_eq!(b.recv::<ToRunner>().await.unwrap(), Some(ToRunner::Status));
+    let st = FromRunner::Status {
+        addr: "h:1".into(),
+        connected: true,
+        commit: Some(sha(1)),
+    };
+    b.send(&st).await.unwrap();
+    assert_eq!(a.recv::<FromRunner>().await.unwrap(), Some(st));
+    drop(a);
+    assert_eq!(b.recv::<ToDispatcher>().await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn handshake_accepts_the_right_token_and_role() {
+    let (a, b) = duplex(4096);
+    let client = tokio::spawn(async move {
+        let mut a = Connection::new(a);
+        a.client_handshake(Role::Runner, "s3cret").await
+    });
+    let mut b = Connection::new(b);
+    let role = b
+        .server_handshake(&[Role::Runner, Role::Observer], Some("s3cret"))
+        .await
+        .unwrap();
+    assert_eq!(role, Role::Runner);
+    client.await.unwrap().unwrap();
+}
+
+async fn refused(hello: Hello, served: &[Role], token: Option<&str>) -> (ProtoError, ProtoError) {
+    let (a, b) = duplex(4096);
+    let client = tokio::spawn(async move {
+        let mut a = Connection::new(a);
+        a.send(&hello).await.unwrap();
+        a.recv_within::<HelloReply>(Duration::from_secs(5), "reply")
+            .await
+    });
+    let mut b = Connection::new(b);
+    let server_err = b.server_handshake(served, token).await.unwrap_err();
+    let reply = client.await.unwrap().unwrap();
+    let HelloReply::Refused { reason } = reply else {
+        panic!("not refused: {reply:?}");
+    };
+    (server_err, ProtoError::Refused(reason))
+}
+
+fn hello() -> Hello {
+    Hello {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION,
+        role: Role::Observer.code(),
+        token: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn wrong_magic_is_refused_with_a_reason() {
+    let (s, c) = refused(
+        Hello {
+            magic: 0xdead_beef,
+            ..hello()
+        },
+        &[Role::Observer],
+        None,
+    )
+    .await;
+    assert!(matches!(s, ProtoError::BadMagic(0xdead_beef)), "{s}");
+    assert!(c.to_string().contains("not a tinyci peer"), "{c}");
+}
+
+#[tokio::test]
+async fn wrong_version_is_refused_with_a_reason() {
+    let (s, c) = refused(
+        Hello {
+            version: PROTOCOL_VERSION + 1,
+            ..hello()
+        },
+        &[Role::Observer],
+        None,
+    )
+    .await;
+    assert!(matches!(s, ProtoError::VersionMismatch { .. }), "{s}");
+    assert!(c.to_string().contains("version mismatch"), "{c}");
+}
+
+#[tokio::test]
+async fn unknown_and_unserved_roles_are_refused() {
+    let (s, _) = refused(
+        Hello {
+            role: 77,
+            ..hello()
+        },
+        &[Role::Observer],
+        None,
+    )
+    .await;
+    assert!(matches!(s, ProtoError::UnknownRole(77)), "{s}");
+    let (s, _) = refused(hello(), &[Role::Client], None).await;
+    assert!(matches!(s, ProtoError::WrongRole(Role::Observer)), "{s}");
+}
+
+#[tokio::test]
+async fn wrong_or_missing_token_is_refused() {
+    let (s, c) = refused(hello(), &[Role::Observer], Some("abc")).await;
+    assert!(matches!(s, ProtoError::BadToken), "{s}");
+    assert!(c.to_string().contains("token"), "{c}");
+    let (s, _) = refused(
+        Hello {
+            token: "abd".into(),
+            ..hello()
+        },
+        &[Role::Observer],
+        Some("abc"),
+    )
+    .await;
+    assert!(matches!(s, ProtoError::BadToken), "{s}");
+}
+
+#[tokio::test]
+async fn garbage_hello_is_a_decode_error() {
+    let (mut a, b) = duplex(4096);
+    a.write_all(&[0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
+    let mut b = Connection::new(b);
+    let e = b.server_handshake(&[Role::Observer], None).await.unwrap_err();
+    assert!(matches!(e, ProtoError::Decode(_)), "{e}");
+}
+
+#[tokio::test]
+async fn oversized_length_prefix_is_refused_before_buffering() {
+    let (mut a, b) = duplex(4096);
+    a.write_all(&[0xff, 0xff, 0xff, 0xf0, 1, 2, 3]).await.unwrap();
+    let mut b = Connection::new(b);
+    let e = b.recv::<ToDispatcher>().await.unwrap_err();
+    assert!(matches!(e, ProtoError::FrameTooLarge), "{e}");
+}
+
+#[tokio::test]
+async fn http_request_is_refused() {
+    let (mut a, b) = duplex(4096);
+    a.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut b = Connection::new(b);
+    let e = b.server_handshake(&[Role::Observer], None).await.unwrap_err();
+    assert!(matches!(e, ProtoError::FrameTooLarge), "{e}");
+}
+
+#[tokio::test]
+async fn truncated_frame_is_a_typed_error() {
+    let (mut a, b) = duplex(4096);
+    a.write_all(&[0, 0, 0, 50, 1, 2, 3]).await.unwrap();
+    drop(a);
+    let mut b = Connection::new(b);
+    let e = b.recv::<ToDispatcher>().await.unwrap_err();
+    assert!(matches!(e, ProtoError::Truncated), "{e}");
+}
+
+#[tokio::test]
+async fn silent_peer_times_out_the_handshake() {
+    tokio::time::pause();
+    let (_a, b) = duplex(4096);
+    let mut b = Connection::new(b);
+    let e = b.server_handshake(&[Role::Observer], None).await.unwrap_err();
+    assert!(matches!(e, ProtoError::Timeout(..)), "{e}");
+}
+
+#[test]
+fn bad_commit_id_in_a_message_fails_to_decode() {
+    // Encode a Submit whose commit is an arbitrary string by encoding a look-alike type.
+    #[derive(serde::Serialize)]
+    enum Fake {
+        Submit { commits: Vec<String> },
+    }
+    for bad in ["../../etc/passwd", "", "ABCDEF", &"a".repeat(41)] {
+        let body = encode(&Fake::Submit {
+            commits: vec![bad.to_string()],
+        })
+        .unwrap();
+        let e = decode::<ToDispatcher>(&body).unwrap_err();
+        assert!(e.to_string().contains("invalid commit id"), "{e}");
+    }
+}
+
+#[test]
+fn trailing_bytes_are_rejected() {
+    let mut body = encode(&ToDispatcher::Pong { seq: 1 }).unwrap();
+    body.push(0);
+    assert!(matches!(
+        decode::<ToDispatcher>(&body),
+        Err(ProtoError::Decode(_))
+    ));
+}
+
+/// Runs random bytes through the frame decoder and every message decoder.
+fn feed(bytes: &[u8]) {
+    let mut codec = codec();
+    let mut buf = BytesMut::from(bytes);
+    loop {
+        match codec.decode(&mut buf) {
+            Ok(Some(frame)) => {
+                let _ = decode::<Hello>(&frame);
+                let _ = decode::<ToDispatcher>(&frame);
+                let _ = decode::<FromDispatcher>(&frame);
+                let _ = decode::<ToRunner>(&frame);
+                let _ = decode::<FromRunner>(&frame);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let _ = codec.decode_eof(&mut buf);
+    // Bodies without framing too, so the message decoders see every byte pattern.
+    let _ = decode::<ToDispatcher>(bytes);
+    let _ = decode::<FromDispatcher>(bytes);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("TINYCI_FUZZ_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn random_bytes_never_panic_the_decoders(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        feed(&bytes);
+    }
+
+    #[test]
+    fn framed_random_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..200), tag in 0u8..8) {
+        let mut framed = Vec::with_capacity(body.len() + 5);
+        framed.extend_from_slice(&((body.len() + 1) as u32).to_be_bytes());
+        framed.push(tag);
+        framed.extend_from_slice(&body);
+        feed(&framed);
+    }
+}
