@@ -1,1 +1,55 @@
-fn main(){}
+//! `test_runner`: runs the steps of commits the dispatcher assigns, in its own clone.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use tinyci::{net, runner, shutdown::Shutdown};
+
+/// Registers with the dispatcher and runs one job at a time in REPO_CLONE.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Address to listen on (and to register as).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Exact port to listen on (overrides --port-range).
+    #[arg(long, conflicts_with = "port_range")]
+    port: Option<u16>,
+    /// Take the first free port in this range.
+    #[arg(long, default_value = "8900-9000", value_parser = net::parse_port_range)]
+    port_range: std::ops::RangeInclusive<u16>,
+    /// The dispatcher's host:port.
+    #[arg(long, default_value = "localhost:8888")]
+    dispatcher_server: String,
+    /// Most bytes of output kept per job; the rest is cut with a marker line.
+    #[arg(long, default_value_t = runner::DEFAULT_OUTPUT_CAP)]
+    output_limit: u64,
+    /// File holding the shared secret (default: $TINYCI_TOKEN, if set).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// The runner's own clone of the master repository.
+    repo_clone: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tinyci::logging::init();
+    let token = net::load_token(args.token_file.as_deref())?;
+    let ports = match args.port {
+        Some(p) => p..=p,
+        None => args.port_range,
+    };
+    let listener = net::bind_in_range(&args.host, ports)
+        .await
+        .context("cannot bind the runner's port")?;
+    let config = runner::Config {
+        repo: args.repo_clone,
+        dispatcher: args.dispatcher_server,
+        token,
+        output_cap: args.output_limit,
+    };
+    runner::run(listener, config, Shutdown::on_signals()).await?;
+    Ok(())
+}

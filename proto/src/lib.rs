@@ -97,6 +97,9 @@ pub enum ProtoError {
     /// The hello carried no token or the wrong one.
     #[error("missing or wrong token (set TINYCI_TOKEN or --token-file to the dispatcher's)")]
     BadToken,
+    /// The peer sent a well-formed message that is wrong at this point of the conversation.
+    #[error("protocol violation: {0}")]
+    Violation(String),
     /// The other side refused our hello.
     #[error("refused by peer: {0}")]
     Refused(String),

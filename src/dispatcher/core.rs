@@ -1,0 +1,481 @@
+//! The dispatcher's single owner: one OS thread that holds the [`Scheduler`], the journal,
+//! the open log files and the channels to the runner connections, and is fed [`Event`]s by
+//! the connection tasks.
+//!
+//! Being one synchronous thread, it may do blocking file I/O freely and needs no locks. It
+//! takes events in batches — everything waiting in the channel — and makes the whole batch
+//! durable with one fsync before any acknowledgement of it leaves (group commit), so a burst
+//! of submissions costs one fsync, not one each.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Seek, Write};
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant, SystemTime};
+
+use tinyci_proto::{
+    CommitId, FromDispatcher, HeldJob, HeldVerdict, JobId, RunReport, RunnerId,
+};
+use tokio::sync::{mpsc::UnboundedSender, oneshot};
+use tracing::{debug, info, warn};
+
+use super::journal::{to_ms, Journal, Pending, Record};
+use super::state::{Lost, Scheduler};
+use crate::results::{self, ResultFile};
+
+/// The most output kept for one attempt; the runner caps far below this, so reaching it
+/// means a misbehaving runner.
+pub const MAX_LOG_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Events from the connection tasks to the core.
+pub enum Event {
+    /// An observer submitted commits; the reply goes out once they are durable.
+    Submit {
+        /// Oldest first.
+        commits: Vec<CommitId>,
+        /// Where the `Submitted` (or `Error`) answer goes.
+        reply: oneshot::Sender<FromDispatcher>,
+    },
+    /// A runner registered.
+    RunnerJoined {
+        /// Its `host:port`.
+        addr: String,
+        /// A job it still holds.
+        held: Option<HeldJob>,
+        /// Messages to the runner.
+        tx: UnboundedSender<FromDispatcher>,
+        /// Its id and the verdict on the held job.
+        reply: oneshot::Sender<(RunnerId, Option<HeldVerdict>)>,
+    },
+    /// A runner's connection ended (closed, failed, or heartbeats missed).
+    RunnerLost {
+        /// Which.
+        runner: RunnerId,
+        /// Why, for the log.
+        reason: String,
+    },
+    /// Output of a job.
+    Log {
+        /// The connection it came on.
+        runner: RunnerId,
+        /// The attempt.
+        job: JobId,
+        /// Where `data` starts in the attempt's output.
+        offset: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// A job's result.
+    Done {
+        /// The connection it came on.
+        runner: RunnerId,
+        /// The attempt.
+        job: JobId,
+        /// The result.
+        report: RunReport,
+        /// Total output bytes of the attempt.
+        log_len: u64,
+    },
+    /// Stop the loop.
+    Shutdown,
+}
+
+/// A fatal storage error: the dispatcher stops rather than acknowledge what it cannot keep.
+#[derive(Debug, thiserror::Error)]
+#[error("storage failure while {what}: {source}")]
+pub struct StorageError {
+    what: String,
+    #[source]
+    source: io::Error,
+}
+
+fn storage(what: impl Into<String>) -> impl FnOnce(io::Error) -> StorageError {
+    let what = what.into();
+    move |source| StorageError { what, source }
+}
+
+/// The open log of the outstanding attempt of one commit.
+struct LogSink {
+    commit: CommitId,
+    file: File,
+    /// Bytes of the attempt's output written so far.
+    written: u64,
+    truncated: bool,
+}
+
+impl LogSink {
+    fn open(dir: &std::path::Path, commit: &CommitId) -> io::Result<(LogSink, u64)> {
+        let mut file = results::open_log(dir, commit)?;
+        let len = file.seek(io::SeekFrom::End(0))?;
+        Ok((
+            LogSink {
+                commit: commit.clone(),
+                file,
+                written: 0,
+                truncated: false,
+            },
+            len,
+        ))
+    }
+
+    /// Appends the part of `data` (starting at `offset` of the attempt's output) that is new.
+    fn append(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let end = offset + data.len() as u64;
+        if end <= self.written {
+            return Ok(()); // a resend of what we have
+        }
+        if offset > self.written {
+            let gap = offset - self.written;
+            self.file
+                .write_all(format!("\n[tinyci] {gap} bytes of output were lost here\n").as_bytes())?;
+            self.written = offset;
+        }
+        let new = &data[(self.written - offset) as usize..];
+        if self.truncated {
+            self.written = end;
+            return Ok(());
+        }
+        let room = MAX_LOG_BYTES.saturating_sub(self.written) as usize;
+        if new.len() > room {
+            self.file.write_all(&new[..room])?;
+            self.file
+                .write_all(b"\n[tinyci] output truncated by the dispatcher\n")?;
+            self.truncated = true;
+        } else {
+            self.file.write_all(new)?;
+        }
+        self.written = end;
+        Ok(())
+    }
+
+    fn note(&mut self, line: &str) -> io::Result<()> {
+        self.file.write_all(format!("[tinyci] {line}\n").as_bytes())
+    }
+}
+
+/// The core's state.
+pub struct Core {
+    sched: Scheduler,
+    journal: Journal,
+    dir: PathBuf,
+    runners: HashMap<RunnerId, UnboundedSender<FromDispatcher>>,
+    logs: HashMap<JobId, LogSink>,
+    next_runner: u64,
+    /// When restored attempts that no runner has adopted go back to the queue.
+    orphan_deadline: Option<Instant>,
+}
+
+impl Core {
+    /// A core over an opened journal, with the finished commits and the journal's pending
+    /// commits restored. Attempts that were running wait `adoption_grace` for their runner.
+    pub fn new(
+        dir: PathBuf,
+        journal: Journal,
+        max_attempts: u32,
+        finished: Vec<CommitId>,
+        pending: Vec<Pending>,
+        adoption_grace: Duration,
+    ) -> Result<Core, StorageError> {
+        let mut core = Core {
+            sched: Scheduler::new(max_attempts),
+            journal,
+            dir,
+            runners: HashMap::new(),
+            logs: HashMap::new(),
+            next_runner: 1,
+            orphan_deadline: None,
+        };
+        for c in finished {
+            core.sched.mark_finished(c);
+        }
+        let (mut queued, mut running) = (0, 0);
+        for p in pending {
+            if core.sched.is_known(&p.commit) {
+                // A result exists: the crash came between the result and its journal line.
+                core.journal
+                    .append(&Record::Finished {
+                        commit: p.commit.clone(),
+                    })
+                    .map_err(storage("journaling a finished commit"))?;
+                continue;
+            }
+            match p.running {
+                Some((job, addr, log_base)) => {
+                    let (mut sink, len) = LogSink::open(&core.dir, &p.commit)
+                        .map_err(storage("opening a log"))?;
+                    sink.written = len.saturating_sub(log_base);
+                    core.logs.insert(job, sink);
+                    core.sched
+                        .restore_running(p.commit, p.queued_at, job, p.attempts, Some(addr));
+                    running += 1;
+                }
+                None => {
+                    core.sched.restore_queued(p.commit, p.queued_at, p.attempts);
+                    queued += 1;
+                }
+            }
+        }
+        if running > 0 {
+            core.orphan_deadline = Some(Instant::now() + adoption_grace);
+        }
+        if queued + running > 0 {
+            info!(queued, running, "restored unfinished commits from the journal");
+        }
+        core.journal.sync().map_err(storage("syncing the journal"))?;
+        Ok(core)
+    }
+
+    /// Runs until [`Event::Shutdown`] or until every sender is gone.
+    pub fn run(mut self, rx: Receiver<Event>) -> Result<(), StorageError> {
+        loop {
+            let first = match self.orphan_deadline {
+                Some(deadline) => {
+                    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                        Ok(ev) => Some(ev),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                    }
+                }
+                None => match rx.recv() {
+                    Ok(ev) => Some(ev),
+                    Err(_) => return Ok(()),
+                },
+            };
+            if self
+                .orphan_deadline
+                .is_some_and(|d| d <= Instant::now())
+            {
+                self.orphan_deadline = None;
+                self.requeue_orphans()?;
+            }
+            let mut acks = Vec::new();
+            let mut stop = false;
+            for ev in first.into_iter().chain(rx.try_iter().take(4096)) {
+                if matches!(ev, Event::Shutdown) {
+                    stop = true;
+                    break;
+                }
+                self.handle(ev, &mut acks)?;
+            }
+            self.journal.sync().map_err(storage("syncing the journal"))?;
+            for (reply, msg) in acks {
+                let _ = reply.send(msg);
+            }
+            self.dispatch()?;
+            if stop {
+                self.journal.sync().map_err(storage("syncing the journal"))?;
+                return Ok(());
+            }
+        }
+    }
+
+    fn handle(
+        &mut self,
+        ev: Event,
+        acks: &mut Vec<(oneshot::Sender<FromDispatcher>, FromDispatcher)>,
+    ) -> Result<(), StorageError> {
+        let now = SystemTime::now();
+        match ev {
+            Event::Submit { commits, reply } => {
+                let (mut queued, mut known) = (0u32, 0u32);
+                for commit in commits {
+                    if self.sched.submit(commit.clone(), now) {
+                        self.journal
+                            .append(&Record::Queued {
+                                commit: commit.clone(),
+                                at_ms: to_ms(now),
+                            })
+                            .map_err(storage("journaling a commit"))?;
+                        info!(commit = %commit, "queued");
+                        queued += 1;
+                    } else {
+                        debug!(commit = %commit, "already known");
+                        known += 1;
+                    }
+                }
+                acks.push((reply, FromDispatcher::Submitted { queued, known }));
+            }
+            Event::RunnerJoined {
+                addr,
+                held,
+                tx,
+                reply,
+            } => {
+                let id = RunnerId(self.next_runner);
+                self.next_runner += 1;
+                self.sched.add_runner(id, addr.clone());
+                let verdict = held.map(|h| self.verdict(id, &addr, h));
+                self.runners.insert(id, tx);
+                let _ = reply.send((id, verdict));
+            }
+            Event::RunnerLost { runner, reason } => {
+                self.runners.remove(&runner);
+                match self.sched.remove_runner(runner, now) {
+                    Lost::Idle => info!(runner = %runner, reason, "runner left"),
+                    Lost::Requeued { commit, job } => {
+                        warn!(runner = %runner, commit = %commit, reason, "runner lost mid-job; commit requeued at the front");
+                        if let Some(mut sink) = self.logs.remove(&job) {
+                            let _ = sink.note(&format!("runner lost ({reason}); commit requeued"));
+                        }
+                        self.journal
+                            .append(&Record::Requeued { commit })
+                            .map_err(storage("journaling a requeue"))?;
+                    }
+                    Lost::GaveUp { job, result } => {
+                        if let Some(mut sink) = self.logs.remove(&job) {
+                            let _ = sink.note(&format!("runner lost ({reason}); giving up"));
+                        }
+                        warn!(runner = %runner, commit = %result.commit, attempts = result.attempts, "commit keeps losing its runner; recorded as error");
+                        self.record(&result)?;
+                    }
+                }
+            }
+            Event::Log {
+                runner,
+                job,
+                offset,
+                data,
+            } => {
+                if !self.held_by(runner, &job) {
+                    debug!(runner = %runner, job = %job, "dropping output of an attempt that is not outstanding");
+                    return Ok(());
+                }
+                if let Some(sink) = self.logs.get_mut(&job) {
+                    sink.append(offset, &data)
+                        .map_err(storage(format!("appending to the log of {}", sink.commit)))?;
+                }
+            }
+            Event::Done {
+                runner,
+                job,
+                report,
+                log_len,
+            } => {
+                let accepted = self.held_by(runner, &job);
+                let result = if accepted {
+                    self.sched.finish(job, report, now).ok()
+                } else {
+                    None
+                };
+                let accepted = result.is_some();
+                match result {
+                    Some(result) => {
+                        if let Some(mut sink) = self.logs.remove(&job) {
+                            if sink.written < log_len {
+                                let _ = sink.note(&format!(
+                                    "{} bytes of output never arrived",
+                                    log_len - sink.written
+                                ));
+                            }
+                        }
+                        info!(commit = %result.commit, status = ?result.status, runner = %runner, attempts = result.attempts, "result written");
+                        self.record(&result)?;
+                    }
+                    None => warn!(runner = %runner, job = %job, "refusing late result: the attempt was superseded or is unknown"),
+                }
+                if let Some(tx) = self.runners.get(&runner) {
+                    let _ = tx.send(FromDispatcher::ResultAck {
+                        job,
+                        accepted,
+                    });
+                }
+            }
+            Event::Shutdown => {}
+        }
+        Ok(())
+    }
+
+    /// Whether `job` is outstanding and held by `runner` (a result or output from anyone
+    /// else is refused).
+    fn held_by(&self, runner: RunnerId, job: &JobId) -> bool {
+        self.sched
+            .outstanding(job)
+            .and_then(|c| self.sched.entry(c))
+            .is_some_and(|e| e.runner == Some(runner))
+    }
+
+    fn verdict(&mut self, id: RunnerId, addr: &str, held: HeldJob) -> HeldVerdict {
+        if self.sched.adopt(id, held.job) {
+            let log_offset = self.logs.get(&held.job).map_or(0, |s| s.written);
+            info!(runner = %id, addr, commit = %held.commit, job = %held.job, log_offset, "runner re-registered with its job; adopted");
+            HeldVerdict::Adopt { log_offset }
+        } else {
+            warn!(runner = %id, addr, commit = %held.commit, job = %held.job, "runner re-registered with a job that is not outstanding; told to drop it");
+            HeldVerdict::Drop {
+                reason: format!(
+                    "job {} of {} is not outstanding here (superseded or unknown)",
+                    held.job, held.commit
+                ),
+            }
+        }
+    }
+
+    fn requeue_orphans(&mut self) -> Result<(), StorageError> {
+        for commit in self.sched.requeue_orphans() {
+            warn!(commit = %commit, "no runner came back for this running commit; requeued");
+            self.logs.retain(|_, s| s.commit != commit);
+            self.journal
+                .append(&Record::Requeued { commit })
+                .map_err(storage("journaling a requeue"))?;
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self) -> Result<(), StorageError> {
+        for a in self.sched.assign(SystemTime::now()) {
+            let (mut sink, _) = LogSink::open(&self.dir, &a.commit)
+                .map_err(storage(format!("opening the log of {}", a.commit)))?;
+            sink.note(&format!(
+                "attempt {} on runner {} (job {})",
+                a.attempt, a.addr, a.job
+            ))
+            .map_err(storage("writing a log header"))?;
+            let log_base = sink
+                .file
+                .stream_position()
+                .map_err(storage("reading a log position"))?;
+            self.journal
+                .append(&Record::Assigned {
+                    commit: a.commit.clone(),
+                    job: a.job,
+                    attempt: a.attempt,
+                    runner: a.addr.clone(),
+                    log_base,
+                })
+                .map_err(storage("journaling an assignment"))?;
+            self.logs.insert(a.job, sink);
+            info!(commit = %a.commit, runner = %a.runner, addr = %a.addr, attempt = a.attempt, job = %a.job, "assigned");
+            if let Some(tx) = self.runners.get(&a.runner) {
+                // If the connection task is gone, its RunnerLost event is on the way and
+                // will requeue the commit.
+                let _ = tx.send(FromDispatcher::Assign {
+                    job: a.job,
+                    commit: a.commit,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, result: &ResultFile) -> Result<(), StorageError> {
+        results::write_result(&self.dir, result)
+            .map_err(storage(format!("writing the result of {}", result.commit)))?;
+        self.journal
+            .append(&Record::Finished {
+                commit: result.commit.clone(),
+            })
+            .map_err(storage("journaling a result"))?;
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("journal", &self.journal.path())
+            .field("runners", &self.sched.runner_count())
+            .field("queued", &self.sched.queued())
+            .finish()
+    }
+}

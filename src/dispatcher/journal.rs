@@ -1,0 +1,329 @@
+//! The dispatcher's append-only journal: one JSON line per event that must survive a
+//! `kill -9` (a commit queued, an attempt assigned, a commit finished).
+//!
+//! A commit is acknowledged to the observer only after its `queued` line is fsync'd; the
+//! core loop groups all the events of one batch behind a single fsync. On start the journal
+//! is replayed and rewritten with only the live commits (so it does not grow across
+//! restarts). A torn last line — the crash came mid-write — is ignored: the event it
+//! described was never acknowledged.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tinyci_proto::{CommitId, JobId};
+
+use crate::results::STATE_DIR;
+
+/// One line of the journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Record {
+    /// A commit was accepted into the queue.
+    Queued {
+        /// The commit.
+        commit: CommitId,
+        /// Milliseconds since the epoch.
+        at_ms: u64,
+    },
+    /// An attempt was handed to a runner.
+    Assigned {
+        /// The commit.
+        commit: CommitId,
+        /// The attempt.
+        job: JobId,
+        /// 1 for the first attempt.
+        attempt: u32,
+        /// The runner's address.
+        runner: String,
+        /// Length of `<sha>.log` where this attempt's output starts.
+        log_base: u64,
+    },
+    /// A commit's attempt was lost and the commit requeued.
+    Requeued {
+        /// The commit.
+        commit: CommitId,
+    },
+    /// A commit's result file is written.
+    Finished {
+        /// The commit.
+        commit: CommitId,
+    },
+}
+
+/// The state of one unfinished commit, rebuilt from the journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// The commit.
+    pub commit: CommitId,
+    /// When it was queued.
+    pub queued_at: SystemTime,
+    /// Attempts assigned so far.
+    pub attempts: u32,
+    /// The attempt outstanding when the journal ended: (job, runner address, log base).
+    pub running: Option<(JobId, String, u64)>,
+}
+
+/// The open journal file.
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+    dirty: bool,
+}
+
+/// Milliseconds since the epoch.
+pub fn to_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn from_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+impl Journal {
+    /// Opens the journal under `results_dir`, replays it, rewrites it with only the live
+    /// commits, and returns it with the unfinished commits in queue order.
+    pub fn open(results_dir: &Path) -> io::Result<(Journal, Vec<Pending>)> {
+        let path = results_dir.join(STATE_DIR).join("journal");
+        let pending = match File::open(&path) {
+            Ok(f) => replay(BufReader::new(f))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        // Compact: write the live state to a new file and swap it in atomically.
+        let tmp = path.with_extension("tmp");
+        {
+            let mut w = io::BufWriter::new(File::create(&tmp)?);
+            for p in &pending {
+                for rec in records_of(p) {
+                    write_line(&mut w, &rec)?;
+                }
+            }
+            w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        }
+        fs::rename(&tmp, &path)?;
+        File::open(path.parent().unwrap_or(results_dir))?.sync_all()?;
+        let file = OpenOptions::new().append(true).open(&path)?;
+        Ok((
+            Journal {
+                path,
+                file,
+                dirty: false,
+            },
+            pending,
+        ))
+    }
+
+    /// Appends a record (durable only after [`Journal::sync`]).
+    pub fn append(&mut self, rec: &Record) -> io::Result<()> {
+        write_line(&mut self.file, rec)?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Makes every appended record durable.
+    pub fn sync(&mut self) -> io::Result<()> {
+        if self.dirty {
+            self.file.sync_data()?;
+            self.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Where the journal lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn write_line(w: &mut impl Write, rec: &Record) -> io::Result<()> {
+    let mut line = serde_json::to_vec(rec).map_err(io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line)
+}
+
+fn records_of(p: &Pending) -> Vec<Record> {
+    let mut v = vec![Record::Queued {
+        commit: p.commit.clone(),
+        at_ms: to_ms(p.queued_at),
+    }];
+    match &p.running {
+        Some((job, runner, log_base)) => v.push(Record::Assigned {
+            commit: p.commit.clone(),
+            job: *job,
+            attempt: p.attempts,
+            runner: runner.clone(),
+            log_base: *log_base,
+        }),
+        None if p.attempts > 0 => {
+            // Keep the attempt count: an assignment that was lost, then the requeue.
+            v.push(Record::Assigned {
+                commit: p.commit.clone(),
+                job: JobId::new(),
+                attempt: p.attempts,
+                runner: String::new(),
+                log_base: 0,
+            });
+            v.push(Record::Requeued {
+                commit: p.commit.clone(),
+            });
+        }
+        None => {}
+    }
+    v
+}
+
+/// Rebuilds the unfinished commits, in the order they were queued.
+fn replay(r: impl BufRead) -> io::Result<Vec<Pending>> {
+    let mut order: Vec<CommitId> = Vec::new();
+    let mut live: HashMap<CommitId, Pending> = HashMap::new();
+    let mut lines = r.split(b'\n').peekable();
+    let mut n = 0usize;
+    while let Some(line) = lines.next() {
+        let line = line?;
+        n += 1;
+        let rec: Record = match serde_json::from_slice(&line) {
+            Ok(rec) => rec,
+            Err(e) if lines.peek().is_none() => {
+                tracing::warn!(line = n, error = %e, "ignoring torn last journal line");
+                break;
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("journal line {n} is corrupt: {e}"),
+                ))
+            }
+        };
+        match rec {
+            Record::Queued { commit, at_ms } => {
+                if !live.contains_key(&commit) {
+                    order.push(commit.clone());
+                    live.insert(
+                        commit.clone(),
+                        Pending {
+                            commit,
+                            queued_at: from_ms(at_ms),
+                            attempts: 0,
+                            running: None,
+                        },
+                    );
+                }
+            }
+            Record::Assigned {
+                commit,
+                job,
+                attempt,
+                runner,
+                log_base,
+            } => {
+                if let Some(p) = live.get_mut(&commit) {
+                    p.attempts = attempt;
+                    p.running = Some((job, runner, log_base));
+                }
+            }
+            Record::Requeued { commit } => {
+                if let Some(p) = live.get_mut(&commit) {
+                    p.running = None;
+                }
+            }
+            Record::Finished { commit } => {
+                live.remove(&commit);
+            }
+        }
+    }
+    Ok(order
+        .into_iter()
+        .filter_map(|c| live.remove(&c))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(n: u8) -> CommitId {
+        CommitId::parse(&format!("{n:02x}").repeat(20)).unwrap()
+    }
+
+    #[test]
+    fn replay_keeps_unfinished_commits_in_order_and_compacts() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join(STATE_DIR)).unwrap();
+        let job = JobId::new();
+        {
+            let (mut j, pending) = Journal::open(dir.path()).unwrap();
+            assert!(pending.is_empty());
+            for n in 1..=4 {
+                j.append(&Record::Queued {
+                    commit: c(n),
+                    at_ms: 1000 + n as u64,
+                })
+                .unwrap();
+            }
+            j.append(&Record::Assigned {
+                commit: c(1),
+                job: JobId::new(),
+                attempt: 1,
+                runner: "a".into(),
+                log_base: 0,
+            })
+            .unwrap();
+            j.append(&Record::Finished { commit: c(1) }).unwrap();
+            j.append(&Record::Assigned {
+                commit: c(2),
+                job,
+                attempt: 1,
+                runner: "b".into(),
+                log_base: 7,
+            })
+            .unwrap();
+            j.append(&Record::Assigned {
+                commit: c(3),
+                job: JobId::new(),
+                attempt: 2,
+                runner: "c".into(),
+                log_base: 0,
+            })
+            .unwrap();
+            j.append(&Record::Requeued { commit: c(3) }).unwrap();
+            j.sync().unwrap();
+        }
+        // A crash mid-write leaves a torn line.
+        let path = dir.path().join(STATE_DIR).join("journal");
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"op\":\"queu").unwrap();
+        drop(f);
+
+        let check = |pending: &[Pending]| {
+            assert_eq!(pending.len(), 3);
+            assert_eq!(pending[0].commit, c(2));
+            assert_eq!(pending[0].running, Some((job, "b".into(), 7)));
+            assert_eq!(pending[1].commit, c(3));
+            assert_eq!(pending[1].attempts, 2);
+            assert_eq!(pending[1].running, None);
+            assert_eq!(pending[2].commit, c(4));
+            assert_eq!(pending[2].queued_at, from_ms(1004));
+        };
+        let (_, pending) = Journal::open(dir.path()).unwrap();
+        check(&pending);
+        // The compacted journal replays to the same state.
+        let (_, again) = Journal::open(dir.path()).unwrap();
+        check(&again);
+    }
+
+    #[test]
+    fn corrupt_middle_line_is_an_error_not_a_silent_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join(STATE_DIR)).unwrap();
+        let path = dir.path().join(STATE_DIR).join("journal");
+        fs::write(&path, "garbage\n{\"op\":\"finished\",\"commit\":\"x\"}\n").unwrap();
+        let e = Journal::open(dir.path()).err().unwrap();
+        assert!(e.to_string().contains("line 1 is corrupt"), "{e}");
+    }
+}

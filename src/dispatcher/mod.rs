@@ -1,0 +1,361 @@
+//! The dispatcher: accepts observers and runners on one port, keeps the queue and the pool,
+//! checks runners with heartbeats, and stores results.
+//!
+//! Shape: [`run`] owns the accept loop; each connection gets a task (in a span naming the
+//! peer) that does the handshake and then speaks its role's messages; all decisions are
+//! made by the [`core`] thread, which the tasks feed with events.
+
+pub mod core;
+pub mod journal;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tinyci_proto::{
+    Connection, FromDispatcher, ProtoError, Role, ToDispatcher, HANDSHAKE_TIMEOUT,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, Semaphore};
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn, Instrument};
+
+use self::core::{Core, Event, StorageError};
+use self::journal::Journal;
+use crate::results;
+use crate::shutdown::Shutdown;
+
+/// At most this many connections are served at once; more are closed on arrival.
+pub const MAX_CONNECTIONS: usize = 2048;
+
+/// At most this many commits in one `Submit`.
+pub const MAX_SUBMIT: usize = 10_000;
+
+/// How long connection tasks get to finish after shutdown is requested.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Dispatcher settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where `<sha>.json` and `<sha>.log` go.
+    pub results_dir: PathBuf,
+    /// How often each runner is pinged.
+    pub heartbeat_interval: Duration,
+    /// A runner silent for this long is removed and its job requeued.
+    pub heartbeat_timeout: Duration,
+    /// Attempts before a commit that keeps losing its runner is recorded as `error`.
+    pub max_attempts: u32,
+    /// The shared secret peers must present, if any.
+    pub token: Option<String>,
+}
+
+/// Why the dispatcher stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatcherError {
+    /// The results directory or the journal could not be opened.
+    #[error("cannot open results directory {dir}: {source}")]
+    Open {
+        /// The directory.
+        dir: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A write that must not fail did.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The core thread died.
+    #[error("the dispatcher core stopped unexpectedly")]
+    CoreDied,
+}
+
+struct Ctx {
+    events: mpsc::Sender<Event>,
+    config: Config,
+    shutdown: Shutdown,
+}
+
+/// Serves on `listener` until `shutdown` is cancelled (or storage fails).
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: Shutdown,
+) -> Result<(), DispatcherError> {
+    let dir = config.results_dir.clone();
+    let open_err = |source| DispatcherError::Open {
+        dir: dir.display().to_string(),
+        source,
+    };
+    results::prepare_dir(&dir).map_err(open_err)?;
+    let (journal, pending) = Journal::open(&dir).map_err(open_err)?;
+    let finished = results::finished_commits(&dir).map_err(open_err)?;
+    let grace = (config.heartbeat_timeout * 2).max(Duration::from_secs(6));
+    let core = Core::new(
+        dir.clone(),
+        journal,
+        config.max_attempts,
+        finished,
+        pending,
+        grace,
+    )?;
+    let (events, rx) = mpsc::channel();
+    let core_shutdown = shutdown.clone();
+    let core_thread = std::thread::Builder::new()
+        .name("dispatcher-core".into())
+        .spawn(move || {
+            let res = core.run(rx);
+            if let Err(e) = &res {
+                tracing::error!(error = %e, "stopping: cannot keep results safely");
+                core_shutdown.cancel();
+            }
+            res
+        })
+        .map_err(|e| open_err(e))?;
+
+    let ctx = Arc::new(Ctx {
+        events: events.clone(),
+        config,
+        shutdown: shutdown.clone(),
+    });
+    let addr = listener.local_addr().map_err(open_err)?;
+    info!(addr = %addr, results = %dir.display(), "listening");
+
+    let tracker = TaskTracker::new();
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut accept_backoff = Duration::from_millis(10);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            res = listener.accept() => match res {
+                Ok(pair) => { accept_backoff = Duration::from_millis(10); pair }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(accept_backoff).await;
+                    accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            warn!(peer = %peer, "too many connections; closing this one");
+            continue;
+        };
+        let ctx = ctx.clone();
+        let span = tracing::info_span!("conn", peer = %peer);
+        tracker.spawn(
+            async move {
+                serve(stream, peer, &ctx).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+
+    tracker.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("some connections did not finish in time");
+    }
+    let _ = events.send(Event::Shutdown);
+    drop(ctx);
+    drop(events);
+    match tokio::task::spawn_blocking(move || core_thread.join()).await {
+        Ok(Ok(res)) => res.map_err(DispatcherError::from),
+        _ => Err(DispatcherError::CoreDied),
+    }
+}
+
+async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &Ctx) {
+    let _ = stream.set_nodelay(true);
+    let mut conn = Connection::new(stream);
+    let role = match conn
+        .server_handshake(&[Role::Observer, Role::Runner], ctx.config.token.as_deref())
+        .await
+    {
+        Ok(role) => role,
+        Err(e) => {
+            warn!(error = %e, "handshake failed; connection closed");
+            return;
+        }
+    };
+    let res = match role {
+        Role::Observer => serve_observer(&mut conn, ctx).await,
+        _ => serve_runner(&mut conn, peer, ctx).await,
+    };
+    if let Err(e) = res {
+        warn!(role = %role, error = %e, "connection closed on error");
+        if matches!(e, ProtoError::Decode(_)) {
+            let _ = conn
+                .send(&FromDispatcher::Error {
+                    reason: e.to_string(),
+                })
+                .await;
+        }
+    }
+}
+
+async fn serve_observer(
+    conn: &mut Connection<TcpStream>,
+    ctx: &Ctx,
+) -> Result<(), ProtoError> {
+    info!("observer connected");
+    loop {
+        let msg = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return Ok(()),
+            msg = conn.recv::<ToDispatcher>() => msg?,
+        };
+        match msg {
+            None => {
+                info!("observer disconnected");
+                return Ok(());
+            }
+            Some(ToDispatcher::Submit { commits }) => {
+                if commits.len() > MAX_SUBMIT {
+                    return refuse(conn, format!("more than {MAX_SUBMIT} commits in one Submit"))
+                        .await;
+                }
+                let (reply, answer) = oneshot::channel();
+                if ctx.events.send(Event::Submit { commits, reply }).is_err() {
+                    return Ok(()); // shutting down
+                }
+                let Ok(answer) = answer.await else {
+                    return Ok(()); // the core stopped; no acknowledgement
+                };
+                conn.send(&answer).await?;
+            }
+            Some(other) => {
+                return refuse(conn, format!("unexpected message from an observer: {}", name(&other)))
+                    .await
+            }
+        }
+    }
+}
+
+async fn serve_runner(
+    conn: &mut Connection<TcpStream>,
+    peer: SocketAddr,
+    ctx: &Ctx,
+) -> Result<(), ProtoError> {
+    let (addr, held) = match conn
+        .recv_within::<ToDispatcher>(HANDSHAKE_TIMEOUT, "the runner's Register")
+        .await?
+    {
+        ToDispatcher::Register { addr, held } => (addr, held),
+        other => {
+            return refuse(conn, format!("expected Register, got {}", name(&other))).await;
+        }
+    };
+    if addr.is_empty() || addr.len() > 256 || addr.chars().any(|c| c.is_control()) {
+        return refuse(conn, "Register carries an unusable address".into()).await;
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (reply, answer) = oneshot::channel();
+    if ctx
+        .events
+        .send(Event::RunnerJoined {
+            addr: addr.clone(),
+            held,
+            tx,
+            reply,
+        })
+        .is_err()
+    {
+        return Ok(());
+    }
+    let Ok((id, verdict)) = answer.await else {
+        return Ok(());
+    };
+    info!(runner = %id, addr = %addr, peer = %peer, "runner registered");
+    let res = async {
+        conn.send(&FromDispatcher::Registered {
+            runner: id,
+            held: verdict,
+        })
+        .await?;
+        runner_loop(conn, ctx, id, &mut rx).await
+    }
+    .await;
+    let reason = match &res {
+        Ok(reason) => reason.clone(),
+        Err(e) => e.to_string(),
+    };
+    let _ = ctx.events.send(Event::RunnerLost { runner: id, reason });
+    res.map(|_| ())
+}
+
+/// Relays between one runner and the core until the runner goes away; returns why.
+async fn runner_loop(
+    conn: &mut Connection<TcpStream>,
+    ctx: &Ctx,
+    id: tinyci_proto::RunnerId,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<FromDispatcher>,
+) -> Result<String, ProtoError> {
+    let interval = ctx.config.heartbeat_interval;
+    let timeout = ctx.config.heartbeat_timeout;
+    let mut ping = tokio::time::interval(interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let silence = tokio::time::sleep(timeout);
+    tokio::pin!(silence);
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return Ok("dispatcher shutting down".into()),
+            () = &mut silence => {
+                warn!(runner = %id, timeout = ?timeout, "heartbeat timeout; removing runner");
+                return Ok(format!("no heartbeat for {timeout:?}"));
+            }
+            _ = ping.tick() => {
+                seq += 1;
+                conn.send(&FromDispatcher::Ping { seq }).await?;
+            }
+            out = rx.recv() => match out {
+                Some(msg) => conn.send(&msg).await?,
+                None => return Ok("dropped by the core".into()),
+            },
+            msg = conn.recv::<ToDispatcher>() => {
+                let Some(msg) = msg? else {
+                    return Ok("connection closed".into());
+                };
+                silence.as_mut().reset(Instant::now() + timeout);
+                let ev = match msg {
+                    ToDispatcher::Pong { .. } => continue,
+                    ToDispatcher::Log { job, offset, data } => Event::Log { runner: id, job, offset, data },
+                    ToDispatcher::Done { job, report, log_len } => Event::Done { runner: id, job, report, log_len },
+                    other => {
+                        refuse(conn, format!("unexpected message from a runner: {}", name(&other))).await?;
+                        return Ok("protocol error".into());
+                    }
+                };
+                if ctx.events.send(ev).is_err() {
+                    return Ok("dispatcher shutting down".into());
+                }
+            }
+        }
+    }
+}
+
+/// Tells the peer why it is being disconnected, then reports the same as an error.
+async fn refuse(conn: &mut Connection<TcpStream>, reason: String) -> Result<(), ProtoError> {
+    let _ = conn
+        .send(&FromDispatcher::Error {
+            reason: reason.clone(),
+        })
+        .await;
+    Err(ProtoError::Violation(reason))
+}
+
+fn name(msg: &ToDispatcher) -> &'static str {
+    match msg {
+        ToDispatcher::Submit { .. } => "Submit",
+        ToDispatcher::Register { .. } => "Register",
+        ToDispatcher::Pong { .. } => "Pong",
+        ToDispatcher::Log { .. } => "Log",
+        ToDispatcher::Done { .. } => "Done",
+    }
+}

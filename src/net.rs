@@ -1,0 +1,201 @@
+//! Networking shared by the roles: connecting with a handshake, binding in a port range,
+//! reconnect backoff and the shared-secret token.
+
+use std::ops::RangeInclusive;
+use std::path::Path;
+use std::time::Duration;
+
+use tinyci_proto::{Connection, ProtoError, Role};
+use tokio::net::{TcpListener, TcpStream};
+
+/// How long a TCP connect may take before the peer counts as unreachable.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Errors from connecting to or binding for a peer.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The TCP connection failed.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// Where we tried to connect.
+        addr: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The TCP connection took too long.
+    #[error("cannot connect to {0}: timed out after {CONNECT_TIMEOUT:?}")]
+    ConnectTimeout(String),
+    /// The handshake failed or was refused.
+    #[error("handshake with {addr} failed: {source}")]
+    Handshake {
+        /// The peer.
+        addr: String,
+        /// Why.
+        source: ProtoError,
+    },
+    /// No port in the range could be bound.
+    #[error("no free port in {host}:{lo}-{hi} (last error: {last})")]
+    NoFreePort {
+        /// Host we bound on.
+        host: String,
+        /// Range start.
+        lo: u16,
+        /// Range end.
+        hi: u16,
+        /// The last bind error.
+        last: std::io::Error,
+    },
+    /// The token file could not be read.
+    #[error("cannot read token file {path}: {source}")]
+    TokenFile {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Connects to `addr`, says hello as `role` with `token`, and returns the ready connection.
+pub async fn connect(
+    addr: &str,
+    role: Role,
+    token: &str,
+) -> Result<Connection<TcpStream>, NetError> {
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => {
+            return Err(NetError::Connect {
+                addr: addr.to_owned(),
+                source,
+            })
+        }
+        Err(_) => return Err(NetError::ConnectTimeout(addr.to_owned())),
+    };
+    // Small frames (pings, acks) must not wait for Nagle.
+    let _ = stream.set_nodelay(true);
+    let mut conn = Connection::new(stream);
+    conn.client_handshake(role, token)
+        .await
+        .map_err(|source| NetError::Handshake {
+            addr: addr.to_owned(),
+            source,
+        })?;
+    Ok(conn)
+}
+
+/// Binds the first free port of `ports` on `host`.
+pub async fn bind_in_range(
+    host: &str,
+    ports: RangeInclusive<u16>,
+) -> Result<TcpListener, NetError> {
+    let (lo, hi) = (*ports.start(), *ports.end());
+    let mut last = std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty port range");
+    for port in ports {
+        match TcpListener::bind((host, port)).await {
+            Ok(l) => return Ok(l),
+            Err(e) => last = e,
+        }
+    }
+    Err(NetError::NoFreePort {
+        host: host.to_owned(),
+        lo,
+        hi,
+        last,
+    })
+}
+
+/// Parses `LO-HI` (or a single port) into an inclusive range.
+pub fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
+    let (lo, hi) = match s.split_once('-') {
+        Some((a, b)) => (a.trim(), b.trim()),
+        None => (s.trim(), s.trim()),
+    };
+    let lo: u16 = lo.parse().map_err(|_| format!("bad port {lo:?} in {s:?}"))?;
+    let hi: u16 = hi.parse().map_err(|_| format!("bad port {hi:?} in {s:?}"))?;
+    if lo > hi {
+        return Err(format!("empty port range {s:?}"));
+    }
+    Ok(lo..=hi)
+}
+
+/// The shared secret: `--token-file` if given, else `TINYCI_TOKEN`, else none.
+pub fn load_token(token_file: Option<&Path>) -> Result<Option<String>, NetError> {
+    if let Some(path) = token_file {
+        let text = std::fs::read_to_string(path).map_err(|source| NetError::TokenFile {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let t = text.trim().to_owned();
+        return Ok((!t.is_empty()).then_some(t));
+    }
+    Ok(std::env::var("TINYCI_TOKEN")
+        .ok()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty()))
+}
+
+/// Exponential backoff between reconnect attempts, with a little jitter so a pool of
+/// runners does not reconnect in lockstep.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    /// Starts at `min`, doubles up to `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            min,
+            max,
+            next: min,
+        }
+    }
+
+    /// The delay to wait now; the following one will be longer.
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        // Up to +25% jitter.
+        base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
+    }
+
+    /// Back to the shortest delay (after a success).
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_parse() {
+        assert_eq!(parse_port_range("8900-9000").unwrap(), 8900..=9000);
+        assert_eq!(parse_port_range("7").unwrap(), 7..=7);
+        assert!(parse_port_range("9-8").is_err());
+        assert!(parse_port_range("a-8").is_err());
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
+        let d: Vec<_> = (0..5).map(|_| b.next_delay()).collect();
+        assert!(d[0] >= Duration::from_millis(100) && d[0] <= Duration::from_millis(125));
+        assert!(d[4] >= Duration::from_millis(400) && d[4] <= Duration::from_millis(500));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(125));
+    }
+}

@@ -1,0 +1,296 @@
+//! The repo observer: polls its clone's origin, and submits every new commit on the tracked
+//! branch to the dispatcher, oldest first.
+//!
+//! Its only state is the last commit the dispatcher acknowledged, kept in a state file in
+//! the clone's `.git` directory and written (atomically) only after the acknowledgement,
+//! so a restart neither skips nor repeats commits. On its very first start it reports just
+//! the current tip, not the whole history.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tinyci_proto::{CommitId, Connection, FromDispatcher, ProtoError, Role, ToDispatcher};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::git::{self, GitError};
+use crate::net::{self, Backoff};
+use crate::shutdown::Shutdown;
+
+/// The most commits sent in one `Submit` (the rest follow in the next ones).
+pub const MAX_BATCH: usize = 1000;
+
+/// How long the dispatcher may take to acknowledge a submission.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The most commits considered in one poll; a longer history is taken in turns.
+const MAX_PER_POLL: usize = 10_000;
+
+/// The state file's name inside the clone's `.git` directory.
+pub const STATE_FILE: &str = "tinyci-observer.state";
+
+/// Observer settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The observer's own clone of the master repository.
+    pub repo: PathBuf,
+    /// The dispatcher's `host:port`.
+    pub dispatcher: String,
+    /// How often origin is polled.
+    pub poll_interval: Duration,
+    /// The branch to follow; by default origin's default branch.
+    pub branch: Option<String>,
+    /// The shared secret, if any.
+    pub token: Option<String>,
+    /// Where the last acknowledged commit is kept; by default `.git/tinyci-observer.state`.
+    pub state_file: Option<PathBuf>,
+}
+
+/// Why the observer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ObserverError {
+    /// The clone is unusable.
+    #[error("{0}")]
+    Repo(#[from] GitError),
+    /// The state file is unreadable or corrupt.
+    #[error("state file {path}: {message}")]
+    State {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Where the next poll starts from.
+#[derive(Debug, Clone)]
+enum Base {
+    /// Never seen anything: the first tip seen is reported, and what follows it.
+    Fresh,
+    /// First seen but not yet acknowledged: report it and what follows.
+    Unacked(CommitId),
+    /// Acknowledged: report what follows.
+    Acked(CommitId),
+}
+
+/// Watches the clone until `shutdown`.
+pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), ObserverError> {
+    let repo = config.repo.clone();
+    let (branch, state_path) = {
+        let branch = config.branch.clone();
+        let state_file = config.state_file.clone();
+        tokio::task::spawn_blocking(move || -> Result<_, GitError> {
+            git::check_repo(&repo)?;
+            let branch = match branch {
+                Some(b) => b,
+                None => git::default_branch(&repo)?,
+            };
+            let state = match state_file {
+                Some(s) => s,
+                None => git::git_dir(&repo)?.join(STATE_FILE),
+            };
+            Ok((branch, state))
+        })
+        .await
+        .map_err(|e| ObserverError::State {
+            path: String::new(),
+            message: e.to_string(),
+        })??
+    };
+    let mut base = match load_state(&state_path, &branch)? {
+        Some(c) => Base::Acked(c),
+        None => Base::Fresh,
+    };
+    info!(repo = %config.repo.display(), branch = %branch, dispatcher = %config.dispatcher, poll_interval = ?config.poll_interval, state = %state_path.display(), "watching");
+
+    let token = config.token.clone().unwrap_or_default();
+    let mut link = Link {
+        conn: None,
+        backoff: Backoff::default(),
+        next_try: Instant::now(),
+        addr: config.dispatcher.clone(),
+        token,
+    };
+    let mut tick = tokio::time::interval(config.poll_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let (repo, b, since) = (config.repo.clone(), branch.clone(), base.clone());
+        let polled = tokio::task::spawn_blocking(move || poll(&repo, &b, since)).await;
+        let (new_base, pending) = match polled {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => {
+                warn!(error = %e, "poll failed; will try again");
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, "poll task failed; will try again");
+                continue;
+            }
+        };
+        base = new_base;
+        for batch in pending.chunks(MAX_BATCH) {
+            let Some(acked) = link.submit(batch).await else {
+                break;
+            };
+            let last = acked.clone();
+            if let Err(e) = save_state(&state_path, &branch, &last) {
+                // Keep going: at worst a restart resubmits, and the dispatcher drops repeats.
+                warn!(error = %e, "cannot save the observer state");
+            }
+            base = Base::Acked(last);
+        }
+    }
+}
+
+/// Computes the commits to report, oldest first, and the base they lead to.
+fn poll(repo: &Path, branch: &str, base: Base) -> Result<(Base, Vec<CommitId>), GitError> {
+    let tip = git::fetch_branch_tip(repo, branch)?;
+    Ok(match base {
+        Base::Fresh => (Base::Unacked(tip.clone()), vec![tip]),
+        Base::Unacked(first) => {
+            let mut v = vec![first.clone()];
+            v.extend(git::commits_between(repo, &first, &tip, MAX_PER_POLL)?);
+            (Base::Unacked(first), v)
+        }
+        Base::Acked(last) => {
+            let v = git::commits_between(repo, &last, &tip, MAX_PER_POLL)?;
+            (Base::Acked(last), v)
+        }
+    })
+}
+
+/// The connection to the dispatcher, made and remade on demand with backoff.
+struct Link {
+    conn: Option<Connection<TcpStream>>,
+    backoff: Backoff,
+    next_try: Instant,
+    addr: String,
+    token: String,
+}
+
+impl Link {
+    /// Submits `batch` and returns its last commit once acknowledged; `None` if the
+    /// dispatcher cannot be reached now (a later poll retries).
+    async fn submit<'a>(&mut self, batch: &'a [CommitId]) -> Option<&'a CommitId> {
+        // A kept connection may have died since the last poll: one immediate retry on a
+        // fresh connection before backing off.
+        for _ in 0..2 {
+            let reused = self.conn.is_some();
+            if !reused {
+                if Instant::now() < self.next_try {
+                    return None;
+                }
+                match net::connect(&self.addr, Role::Observer, &self.token).await {
+                    Ok(c) => {
+                        info!(dispatcher = %self.addr, "connected to the dispatcher");
+                        self.conn = Some(c);
+                        self.backoff.reset();
+                    }
+                    Err(e) => {
+                        let delay = self.backoff.next_delay();
+                        self.next_try = Instant::now() + delay;
+                        warn!(error = %e, retry_in = ?delay, pending = batch.len(), "dispatcher unreachable; commits kept for the next try");
+                        return None;
+                    }
+                }
+            }
+            let conn = self.conn.as_mut()?;
+            match exchange(conn, batch).await {
+                Ok((queued, known)) => {
+                    info!(commits = batch.len(), queued, known, last = %batch[batch.len() - 1], "submitted");
+                    return batch.last();
+                }
+                Err(e) => {
+                    self.conn = None;
+                    warn!(error = %e, "submission failed");
+                    if !reused {
+                        let delay = self.backoff.next_delay();
+                        self.next_try = Instant::now() + delay;
+                        return None;
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+async fn exchange(
+    conn: &mut Connection<TcpStream>,
+    batch: &[CommitId],
+) -> Result<(u32, u32), ProtoError> {
+    conn.send(&ToDispatcher::Submit {
+        commits: batch.to_vec(),
+    })
+    .await?;
+    match conn
+        .recv_within::<FromDispatcher>(ACK_TIMEOUT, "the dispatcher's acknowledgement")
+        .await?
+    {
+        FromDispatcher::Submitted { queued, known } => Ok((queued, known)),
+        FromDispatcher::Error { reason } => Err(ProtoError::Refused(reason)),
+        other => Err(ProtoError::Violation(format!("expected Submitted, got {other:?}"))),
+    }
+}
+
+fn load_state(path: &Path, branch: &str) -> Result<Option<CommitId>, ObserverError> {
+    let bad = |message: String| ObserverError::State {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(bad(e.to_string())),
+    };
+    let mut parts = text.split_whitespace();
+    let (Some(b), Some(sha), None) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad(
+            "corrupt: expected \"BRANCH SHA\"; delete it to start again from the current tip"
+                .into(),
+        ));
+    };
+    let commit = CommitId::parse(sha).map_err(|e| bad(e.to_string()))?;
+    if b != branch {
+        info!(previous = b, branch, "state is for another branch; starting from the tip");
+        return Ok(None);
+    }
+    Ok(Some(commit))
+}
+
+fn save_state(path: &Path, branch: &str, commit: &CommitId) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{branch} {commit}")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_and_corruption_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        assert!(load_state(&p, "master").unwrap().is_none());
+        let c = CommitId::parse(&"1".repeat(40)).unwrap();
+        save_state(&p, "master", &c).unwrap();
+        assert_eq!(load_state(&p, "master").unwrap(), Some(c));
+        assert!(load_state(&p, "other").unwrap().is_none());
+        std::fs::write(&p, "master ../../etc").unwrap();
+        assert!(load_state(&p, "master").is_err());
+        std::fs::write(&p, "").unwrap();
+        let e = load_state(&p, "master").unwrap_err().to_string();
+        assert!(e.contains("corrupt"), "{e}");
+    }
+}

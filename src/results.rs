@@ -1,0 +1,140 @@
+//! The files under the results directory: `<sha>.json` (written once, atomically, when a
+//! run ends) and `<sha>.log` (appended as output arrives). Internal state lives in
+//! [`STATE_DIR`], a dot-directory that is never mistaken for a result.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use tinyci_proto::{CommitId, RunStatus, StepReport};
+
+/// The dot-directory under the results directory that holds the dispatcher's journal.
+pub const STATE_DIR: &str = ".tinyci";
+
+/// The content of `<sha>.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultFile {
+    /// The commit tested.
+    pub commit: CommitId,
+    /// `success`, `failure` or `error`.
+    pub status: RunStatus,
+    /// One entry per step, in order.
+    pub steps: Vec<StepReport>,
+    /// The runner (`host:port`) that produced the result (or ran the last attempt).
+    pub runner: Option<String>,
+    /// How many times the commit was handed to a runner.
+    pub attempts: u32,
+    /// When the dispatcher first recorded the commit (RFC 3339).
+    pub queued_at: String,
+    /// When the last attempt was assigned (RFC 3339), if any was.
+    pub started_at: Option<String>,
+    /// When the result was recorded (RFC 3339).
+    pub finished_at: String,
+    /// Why the run ended in `error`, else null.
+    pub error: Option<String>,
+}
+
+/// Formats a time as RFC 3339 UTC with milliseconds.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// `<dir>/<sha>.json`.
+pub fn json_path(dir: &Path, commit: &CommitId) -> PathBuf {
+    dir.join(format!("{commit}.json"))
+}
+
+/// `<dir>/<sha>.log`.
+pub fn log_path(dir: &Path, commit: &CommitId) -> PathBuf {
+    dir.join(format!("{commit}.log"))
+}
+
+/// Writes `<sha>.json` atomically: temp file in the same directory, fsync, rename, fsync
+/// of the directory. A reader sees either no file or the whole file.
+pub fn write_result(dir: &Path, result: &ResultFile) -> io::Result<PathBuf> {
+    let path = json_path(dir, &result.commit);
+    let tmp = dir.join(STATE_DIR).join(format!("{}.json.tmp", result.commit));
+    let mut body = serde_json::to_vec_pretty(result).map_err(io::Error::other)?;
+    body.push(b'\n');
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&body)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, &path)?;
+    File::open(dir)?.sync_all()?;
+    Ok(path)
+}
+
+/// Reads a result file back.
+pub fn read_result(dir: &Path, commit: &CommitId) -> io::Result<ResultFile> {
+    let text = fs::read(json_path(dir, commit))?;
+    serde_json::from_slice(&text).map_err(io::Error::other)
+}
+
+/// The commits that already have a result file in `dir`.
+pub fn finished_commits(dir: &Path) -> io::Result<Vec<CommitId>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(stem) = name.strip_suffix(".json") {
+            if let Ok(c) = CommitId::parse(stem) {
+                out.push(c);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Creates the results directory and its state directory.
+pub fn prepare_dir(dir: &Path) -> io::Result<()> {
+    fs::create_dir_all(dir.join(STATE_DIR))
+}
+
+/// Opens `<sha>.log` for appending, creating it.
+pub fn open_log(dir: &Path, commit: &CommitId) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path(dir, commit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tinyci_proto::StepStatus;
+
+    #[test]
+    fn result_round_trips_and_lists_as_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        prepare_dir(dir.path()).unwrap();
+        let commit = CommitId::parse(&"ab".repeat(20)).unwrap();
+        let r = ResultFile {
+            commit: commit.clone(),
+            status: RunStatus::Success,
+            steps: vec![StepReport {
+                name: "test".into(),
+                status: StepStatus::Success,
+                exit_code: Some(0),
+                duration_ms: 5,
+            }],
+            runner: Some("127.0.0.1:8900".into()),
+            attempts: 1,
+            queued_at: rfc3339(SystemTime::now()),
+            started_at: Some(rfc3339(SystemTime::now())),
+            finished_at: rfc3339(SystemTime::now()),
+            error: None,
+        };
+        write_result(dir.path(), &r).unwrap();
+        assert_eq!(read_result(dir.path(), &commit).unwrap(), r);
+        let v: serde_json::Value =
+            serde_json::from_slice(&fs::read(json_path(dir.path(), &commit)).unwrap()).unwrap();
+        assert_eq!(v["status"], "success");
+        assert_eq!(v["steps"][0]["status"], "success");
+        assert_eq!(v["error"], serde_json::Value::Null);
+        assert_eq!(finished_commits(dir.path()).unwrap(), vec![commit]);
+    }
+}
