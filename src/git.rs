@@ -38,9 +38,10 @@ fn open(path: &Path) -> Result<Repository, GitError> {
 /// Fails with a clear message unless `path` is a git repository with an `origin` remote.
 pub fn check_repo(path: &Path) -> Result<(), GitError> {
     let repo = open(path)?;
-    repo.find_remote("origin")
-        .map(|_| ())
-        .map_err(err(format!("finding remote 'origin' of {}", path.display())))
+    repo.find_remote("origin").map(|_| ()).map_err(err(format!(
+        "finding remote 'origin' of {}",
+        path.display()
+    )))
 }
 
 /// The `.git` directory of the clone at `path`.
@@ -145,9 +146,9 @@ pub fn checkout(path: &Path, commit: &CommitId) -> Result<Checkout, GitError> {
         fetch_origin(&repo, &["+refs/heads/*:refs/remotes/origin/*"])?;
         fetched = true;
     }
-    let target = repo
-        .find_commit(oid)
-        .map_err(err(format!("finding commit {commit} (not on any branch of origin?)")))?;
+    let target = repo.find_commit(oid).map_err(err(format!(
+        "finding commit {commit} (not on any branch of origin?)"
+    )))?;
     let mut opts = CheckoutBuilder::new();
     opts.force().remove_untracked(true).remove_ignored(true);
     repo.checkout_tree(target.as_object(), Some(&mut opts))
@@ -164,12 +165,23 @@ mod tests {
 
     fn git(dir: &Path, args: &[&str]) -> String {
         let out = Command::new("git")
-            .args(["-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=master"])
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "init.defaultBranch=master",
+            ])
             .args(args)
             .current_dir(dir)
             .output()
             .unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
 
@@ -194,8 +206,14 @@ mod tests {
         let c3 = commit(&master, "c.txt", "3");
         let tip = fetch_branch_tip(&clone, "master").unwrap();
         assert_eq!(tip, c3);
-        assert_eq!(commits_between(&clone, &c1, &tip, 100).unwrap(), vec![c2.clone(), c3.clone()]);
-        assert_eq!(commits_between(&clone, &c1, &tip, 1).unwrap(), vec![c2.clone()]);
+        assert_eq!(
+            commits_between(&clone, &c1, &tip, 100).unwrap(),
+            vec![c2.clone(), c3.clone()]
+        );
+        assert_eq!(
+            commits_between(&clone, &c1, &tip, 1).unwrap(),
+            vec![c2.clone()]
+        );
         assert!(commits_between(&clone, &c3, &tip, 100).unwrap().is_empty());
 
         // A runner clone: check out c3, leave junk, go back to c1: no trace of c3 or junk.

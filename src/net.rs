@@ -110,8 +110,12 @@ pub fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
         Some((a, b)) => (a.trim(), b.trim()),
         None => (s.trim(), s.trim()),
     };
-    let lo: u16 = lo.parse().map_err(|_| format!("bad port {lo:?} in {s:?}"))?;
-    let hi: u16 = hi.parse().map_err(|_| format!("bad port {hi:?} in {s:?}"))?;
+    let lo: u16 = lo
+        .parse()
+        .map_err(|_| format!("bad port {lo:?} in {s:?}"))?;
+    let hi: u16 = hi
+        .parse()
+        .map_err(|_| format!("bad port {hi:?} in {s:?}"))?;
     if lo > hi {
         return Err(format!("empty port range {s:?}"));
     }

@@ -55,7 +55,9 @@ pub fn log_path(dir: &Path, commit: &CommitId) -> PathBuf {
 /// of the directory. A reader sees either no file or the whole file.
 pub fn write_result(dir: &Path, result: &ResultFile) -> io::Result<PathBuf> {
     let path = json_path(dir, &result.commit);
-    let tmp = dir.join(STATE_DIR).join(format!("{}.json.tmp", result.commit));
+    let tmp = dir
+        .join(STATE_DIR)
+        .join(format!("{}.json.tmp", result.commit));
     let mut body = serde_json::to_vec_pretty(result).map_err(io::Error::other)?;
     body.push(b'\n');
     {

@@ -103,8 +103,7 @@ pub fn parse(text: &str) -> Result<Spec, SpecError> {
     for s in raw.steps {
         let name_ok = !s.name.is_empty()
             && s.name.len() <= 64
-            && s
-                .name
+            && s.name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         if !name_ok {
@@ -114,10 +113,16 @@ pub fn parse(text: &str) -> Result<Spec, SpecError> {
             )));
         }
         if steps.iter().any(|t: &Step| t.name == s.name) {
-            return Err(SpecError::Invalid(format!("step name {:?} used twice", s.name)));
+            return Err(SpecError::Invalid(format!(
+                "step name {:?} used twice",
+                s.name
+            )));
         }
         if s.run.trim().is_empty() {
-            return Err(SpecError::Invalid(format!("step {:?} has an empty run", s.name)));
+            return Err(SpecError::Invalid(format!(
+                "step {:?} has an empty run",
+                s.name
+            )));
         }
         let timeout = match s.timeout {
             None => DEFAULT_STEP_TIMEOUT,
@@ -178,10 +183,19 @@ mod tests {
             ("[[steps]]\nname=\"a\"\nrun=\"x\"\nextra=1", "malformed"),
             ("steps = []", "no [[steps]]"),
             ("[[steps]]\nname=\"../x\"\nrun=\"x\"", "step name"),
-            ("[[steps]]\nname=\"a\"\nrun=\"x\"\n[[steps]]\nname=\"a\"\nrun=\"y\"", "twice"),
+            (
+                "[[steps]]\nname=\"a\"\nrun=\"x\"\n[[steps]]\nname=\"a\"\nrun=\"y\"",
+                "twice",
+            ),
             ("[[steps]]\nname=\"a\"\nrun=\" \"", "empty run"),
-            ("[[steps]]\nname=\"a\"\nrun=\"x\"\ntimeout=\"soon\"", "timeout"),
-            ("[[steps]]\nname=\"a\"\nrun=\"x\"\ntimeout=\"0s\"", "positive"),
+            (
+                "[[steps]]\nname=\"a\"\nrun=\"x\"\ntimeout=\"soon\"",
+                "timeout",
+            ),
+            (
+                "[[steps]]\nname=\"a\"\nrun=\"x\"\ntimeout=\"0s\"",
+                "positive",
+            ),
             ("\u{0}\u{1}garbage[[", "malformed"),
         ];
         for (text, want) in cases {

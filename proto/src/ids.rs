@@ -28,7 +28,8 @@ impl CommitId {
     /// Validates `s` as a commit id.
     pub fn parse(s: &str) -> Result<Self, InvalidCommitId> {
         let ok = matches!(s.len(), 40 | 64)
-            && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if ok {
             Ok(CommitId(s.to_owned()))
         } else {

@@ -33,7 +33,7 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 pub use ids::{CommitId, InvalidCommitId, JobId, RunnerId};
 pub use messages::{
-    FromDispatcher, FromRunner, Hello, HelloReply, HeldJob, HeldVerdict, Role, RunReport,
+    FromDispatcher, FromRunner, HeldJob, HeldVerdict, Hello, HelloReply, Role, RunReport,
     RunStatus, StepReport, StepStatus, ToDispatcher, ToRunner,
 };
 
@@ -115,8 +115,7 @@ impl From<io::Error> for ProtoError {
                 }
             }
         }
-        if e.kind() == io::ErrorKind::Other && e.to_string().contains("bytes remaining on stream")
-        {
+        if e.kind() == io::ErrorKind::Other && e.to_string().contains("bytes remaining on stream") {
             return ProtoError::Truncated;
         }
         ProtoError::Io(e)
@@ -228,7 +227,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             token: token.to_owned(),
         };
         self.send(&hello).await?;
-        match self.recv_within(HANDSHAKE_TIMEOUT, "the hello reply").await? {
+        match self
+            .recv_within(HANDSHAKE_TIMEOUT, "the hello reply")
+            .await?
+        {
             HelloReply::Welcome { .. } => Ok(()),
             HelloReply::Refused { reason } => Err(ProtoError::Refused(reason)),
         }

@@ -240,14 +240,19 @@ async fn garbage_hello_is_a_decode_error() {
         .await
         .unwrap();
     let mut b = Connection::new(b);
-    let e = b.server_handshake(&[Role::Observer], None).await.unwrap_err();
+    let e = b
+        .server_handshake(&[Role::Observer], None)
+        .await
+        .unwrap_err();
     assert!(matches!(e, ProtoError::Decode(_)), "{e}");
 }
 
 #[tokio::test]
 async fn oversized_length_prefix_is_refused_before_buffering() {
     let (mut a, b) = duplex(4096);
-    a.write_all(&[0xff, 0xff, 0xff, 0xf0, 1, 2, 3]).await.unwrap();
+    a.write_all(&[0xff, 0xff, 0xff, 0xf0, 1, 2, 3])
+        .await
+        .unwrap();
     let mut b = Connection::new(b);
     let e = b.recv::<ToDispatcher>().await.unwrap_err();
     assert!(matches!(e, ProtoError::FrameTooLarge), "{e}");
@@ -256,9 +261,14 @@ async fn oversized_length_prefix_is_refused_before_buffering() {
 #[tokio::test]
 async fn http_request_is_refused() {
     let (mut a, b) = duplex(4096);
-    a.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    a.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut b = Connection::new(b);
-    let e = b.server_handshake(&[Role::Observer], None).await.unwrap_err();
+    let e = b
+        .server_handshake(&[Role::Observer], None)
+        .await
+        .unwrap_err();
     assert!(matches!(e, ProtoError::FrameTooLarge), "{e}");
 }
 
@@ -277,7 +287,10 @@ async fn silent_peer_times_out_the_handshake() {
     tokio::time::pause();
     let (_a, b) = duplex(4096);
     let mut b = Connection::new(b);
-    let e = b.server_handshake(&[Role::Observer], None).await.unwrap_err();
+    let e = b
+        .server_handshake(&[Role::Observer], None)
+        .await
+        .unwrap_err();
     assert!(matches!(e, ProtoError::Timeout(..)), "{e}");
 }
 
@@ -312,17 +325,12 @@ fn trailing_bytes_are_rejected() {
 fn feed(bytes: &[u8]) {
     let mut codec = codec();
     let mut buf = BytesMut::from(bytes);
-    loop {
-        match codec.decode(&mut buf) {
-            Ok(Some(frame)) => {
-                let _ = decode::<Hello>(&frame);
-                let _ = decode::<ToDispatcher>(&frame);
-                let _ = decode::<FromDispatcher>(&frame);
-                let _ = decode::<ToRunner>(&frame);
-                let _ = decode::<FromRunner>(&frame);
-            }
-            Ok(None) | Err(_) => break,
-        }
+    while let Ok(Some(frame)) = codec.decode(&mut buf) {
+        let _ = decode::<Hello>(&frame);
+        let _ = decode::<ToDispatcher>(&frame);
+        let _ = decode::<FromDispatcher>(&frame);
+        let _ = decode::<ToRunner>(&frame);
+        let _ = decode::<FromRunner>(&frame);
     }
     let _ = codec.decode_eof(&mut buf);
     // Bodies without framing too, so the message decoders see every byte pattern.

@@ -14,9 +14,7 @@ use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime};
 
-use tinyci_proto::{
-    CommitId, FromDispatcher, HeldJob, HeldVerdict, JobId, RunReport, RunnerId,
-};
+use tinyci_proto::{CommitId, FromDispatcher, HeldJob, HeldVerdict, JobId, RunReport, RunnerId};
 use tokio::sync::{mpsc::UnboundedSender, oneshot};
 use tracing::{debug, info, warn};
 
@@ -127,8 +125,9 @@ impl LogSink {
         }
         if offset > self.written {
             let gap = offset - self.written;
-            self.file
-                .write_all(format!("\n[tinyci] {gap} bytes of output were lost here\n").as_bytes())?;
+            self.file.write_all(
+                format!("\n[tinyci] {gap} bytes of output were lost here\n").as_bytes(),
+            )?;
             self.written = offset;
         }
         let new = &data[(self.written - offset) as usize..];
@@ -202,8 +201,8 @@ impl Core {
             }
             match p.running {
                 Some((job, addr, log_base)) => {
-                    let (mut sink, len) = LogSink::open(&core.dir, &p.commit)
-                        .map_err(storage("opening a log"))?;
+                    let (mut sink, len) =
+                        LogSink::open(&core.dir, &p.commit).map_err(storage("opening a log"))?;
                     sink.written = len.saturating_sub(log_base);
                     core.logs.insert(job, sink);
                     core.sched
@@ -220,9 +219,14 @@ impl Core {
             core.orphan_deadline = Some(Instant::now() + adoption_grace);
         }
         if queued + running > 0 {
-            info!(queued, running, "restored unfinished commits from the journal");
+            info!(
+                queued,
+                running, "restored unfinished commits from the journal"
+            );
         }
-        core.journal.sync().map_err(storage("syncing the journal"))?;
+        core.journal
+            .sync()
+            .map_err(storage("syncing the journal"))?;
         Ok(core)
     }
 
@@ -242,10 +246,7 @@ impl Core {
                     Err(_) => return Ok(()),
                 },
             };
-            if self
-                .orphan_deadline
-                .is_some_and(|d| d <= Instant::now())
-            {
+            if self.orphan_deadline.is_some_and(|d| d <= Instant::now()) {
                 self.orphan_deadline = None;
                 self.requeue_orphans()?;
             }
@@ -258,13 +259,17 @@ impl Core {
                 }
                 self.handle(ev, &mut acks)?;
             }
-            self.journal.sync().map_err(storage("syncing the journal"))?;
+            self.journal
+                .sync()
+                .map_err(storage("syncing the journal"))?;
             for (reply, msg) in acks {
                 let _ = reply.send(msg);
             }
             self.dispatch()?;
             if stop {
-                self.journal.sync().map_err(storage("syncing the journal"))?;
+                self.journal
+                    .sync()
+                    .map_err(storage("syncing the journal"))?;
                 return Ok(());
             }
         }
@@ -372,13 +377,12 @@ impl Core {
                         info!(commit = %result.commit, status = ?result.status, runner = %runner, attempts = result.attempts, "result written");
                         self.record(&result)?;
                     }
-                    None => warn!(runner = %runner, job = %job, "refusing late result: the attempt was superseded or is unknown"),
+                    None => {
+                        warn!(runner = %runner, job = %job, "superseded attempt refused: its late result is dropped")
+                    }
                 }
                 if let Some(tx) = self.runners.get(&runner) {
-                    let _ = tx.send(FromDispatcher::ResultAck {
-                        job,
-                        accepted,
-                    });
+                    let _ = tx.send(FromDispatcher::ResultAck { job, accepted });
                 }
             }
             Event::Shutdown => {}
@@ -401,7 +405,11 @@ impl Core {
             info!(runner = %id, addr, commit = %held.commit, job = %held.job, log_offset, "runner re-registered with its job; adopted");
             HeldVerdict::Adopt { log_offset }
         } else {
-            warn!(runner = %id, addr, commit = %held.commit, job = %held.job, "runner re-registered with a job that is not outstanding; told to drop it");
+            if held.finished {
+                warn!(runner = %id, addr, commit = %held.commit, job = %held.job, "superseded attempt refused: its late result is dropped and the runner told to forget it");
+            } else {
+                warn!(runner = %id, addr, commit = %held.commit, job = %held.job, "superseded attempt refused: the runner is told to stop it");
+            }
             HeldVerdict::Drop {
                 reason: format!(
                     "job {} of {} is not outstanding here (superseded or unknown)",

@@ -237,10 +237,7 @@ fn replay(r: impl BufRead) -> io::Result<Vec<Pending>> {
             }
         }
     }
-    Ok(order
-        .into_iter()
-        .filter_map(|c| live.remove(&c))
-        .collect())
+    Ok(order.into_iter().filter_map(|c| live.remove(&c)).collect())
 }
 
 #[cfg(test)]

@@ -15,9 +15,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tinyci_proto::{
-    Connection, FromDispatcher, ProtoError, Role, ToDispatcher, HANDSHAKE_TIMEOUT,
-};
+use tinyci_proto::{Connection, FromDispatcher, ProtoError, Role, ToDispatcher, HANDSHAKE_TIMEOUT};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Semaphore};
 use tokio::time::Instant;
@@ -113,7 +111,7 @@ pub async fn run(
             }
             res
         })
-        .map_err(|e| open_err(e))?;
+        .map_err(open_err)?;
 
     let ctx = Arc::new(Ctx {
         events: events.clone(),
@@ -200,10 +198,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &Ctx) {
     }
 }
 
-async fn serve_observer(
-    conn: &mut Connection<TcpStream>,
-    ctx: &Ctx,
-) -> Result<(), ProtoError> {
+async fn serve_observer(conn: &mut Connection<TcpStream>, ctx: &Ctx) -> Result<(), ProtoError> {
     info!("observer connected");
     loop {
         let msg = tokio::select! {
@@ -217,8 +212,11 @@ async fn serve_observer(
             }
             Some(ToDispatcher::Submit { commits }) => {
                 if commits.len() > MAX_SUBMIT {
-                    return refuse(conn, format!("more than {MAX_SUBMIT} commits in one Submit"))
-                        .await;
+                    return refuse(
+                        conn,
+                        format!("more than {MAX_SUBMIT} commits in one Submit"),
+                    )
+                    .await;
                 }
                 let (reply, answer) = oneshot::channel();
                 if ctx.events.send(Event::Submit { commits, reply }).is_err() {
@@ -230,8 +228,11 @@ async fn serve_observer(
                 conn.send(&answer).await?;
             }
             Some(other) => {
-                return refuse(conn, format!("unexpected message from an observer: {}", name(&other)))
-                    .await
+                return refuse(
+                    conn,
+                    format!("unexpected message from an observer: {}", name(&other)),
+                )
+                .await
             }
         }
     }

@@ -420,7 +420,9 @@ mod tests {
         s.submit(c(2), now());
         s.add_runner(RunnerId(1), "a".into());
         let first = s.assign(now()).remove(0);
-        assert!(matches!(s.remove_runner(RunnerId(1), now()), Lost::Requeued { ref commit, .. } if *commit == c(1)));
+        assert!(
+            matches!(s.remove_runner(RunnerId(1), now()), Lost::Requeued { ref commit, .. } if *commit == c(1))
+        );
         s.add_runner(RunnerId(2), "b".into());
         let second = s.assign(now()).remove(0);
         assert_eq!(second.commit, c(1), "requeued commit goes first");

@@ -234,7 +234,9 @@ async fn exchange(
     {
         FromDispatcher::Submitted { queued, known } => Ok((queued, known)),
         FromDispatcher::Error { reason } => Err(ProtoError::Refused(reason)),
-        other => Err(ProtoError::Violation(format!("expected Submitted, got {other:?}"))),
+        other => Err(ProtoError::Violation(format!(
+            "expected Submitted, got {other:?}"
+        ))),
     }
 }
 
@@ -257,7 +259,10 @@ fn load_state(path: &Path, branch: &str) -> Result<Option<CommitId>, ObserverErr
     };
     let commit = CommitId::parse(sha).map_err(|e| bad(e.to_string()))?;
     if b != branch {
-        info!(previous = b, branch, "state is for another branch; starting from the tip");
+        info!(
+            previous = b,
+            branch, "state is for another branch; starting from the tip"
+        );
         return Ok(None);
     }
     Ok(Some(commit))

@@ -232,7 +232,10 @@ async fn run_step(
     };
     if matches!(end, End::TimedOut | End::Cancelled) {
         kill_group(pgid, libc::SIGTERM);
-        if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
+        if tokio::time::timeout(KILL_GRACE, child.wait())
+            .await
+            .is_err()
+        {
             out.note(&format!(
                 "step {} ignored SIGTERM for {KILL_GRACE:?}; killing",
                 step.name

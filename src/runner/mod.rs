@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tinyci_proto::{
     CommitId, Connection, FromDispatcher, FromRunner, HeldJob, HeldVerdict, JobId, ProtoError,
-    RunReport, Role, ToDispatcher, ToRunner, HANDSHAKE_TIMEOUT,
+    Role, RunReport, ToDispatcher, ToRunner, HANDSHAKE_TIMEOUT,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
@@ -101,6 +101,17 @@ impl ActiveJob {
         }
     }
 
+    /// Takes every event already waiting from the job.
+    fn drain(&mut self) {
+        while self.report.is_none() {
+            match self.events.try_recv() {
+                Ok(JobEvent::Output(bytes)) => self.output.extend_from_slice(&bytes),
+                Ok(JobEvent::Finished(report)) => self.report = Some(report),
+                Err(_) => break,
+            }
+        }
+    }
+
     fn held(&self) -> HeldJob {
         HeldJob {
             job: self.id,
@@ -160,7 +171,9 @@ pub async fn run(
                 set_status(&status, |s| s.connected = false);
                 match res {
                     Ok(()) => break,
-                    Err(e) => warn!(dispatcher = %config.dispatcher, error = %e, "lost the dispatcher; reconnecting"),
+                    Err(e) => {
+                        warn!(dispatcher = %config.dispatcher, error = %e, "lost the dispatcher; reconnecting")
+                    }
                 }
             }
             Err(e) => {
@@ -219,6 +232,10 @@ async fn session(
     status: &Mutex<Status>,
     shutdown: &Shutdown,
 ) -> Result<(), ProtoError> {
+    if let Some(j) = job.as_mut() {
+        // Announce the job as it is now: a result that came in while we were away counts.
+        j.drain();
+    }
     conn.send(&ToDispatcher::Register {
         addr: addr.to_owned(),
         held: job.as_ref().map(ActiveJob::held),
@@ -230,7 +247,11 @@ async fn session(
     {
         FromDispatcher::Registered { runner, held } => (runner, held),
         FromDispatcher::Error { reason } => return Err(ProtoError::Refused(reason)),
-        other => return Err(ProtoError::Violation(format!("expected Registered, got {other:?}"))),
+        other => {
+            return Err(ProtoError::Violation(format!(
+                "expected Registered, got {other:?}"
+            )))
+        }
     };
     info!(runner = %runner, dispatcher = %config.dispatcher, "registered");
     if let Some(j) = job.as_mut() {
@@ -266,7 +287,9 @@ async fn session(
             Next::Stop => return Ok(()),
             Next::Msg(msg) => match msg? {
                 None => return Err(ProtoError::Closed),
-                Some(FromDispatcher::Ping { seq }) => conn.send(&ToDispatcher::Pong { seq }).await?,
+                Some(FromDispatcher::Ping { seq }) => {
+                    conn.send(&ToDispatcher::Pong { seq }).await?
+                }
                 Some(FromDispatcher::Assign { job: id, commit }) => {
                     if let Some(j) = job.as_ref() {
                         warn!(busy_with = %j.commit, commit = %commit, "assigned a job while busy; ignoring");
@@ -288,9 +311,7 @@ async fn session(
                     }
                 }
                 Some(FromDispatcher::Error { reason }) => return Err(ProtoError::Refused(reason)),
-                Some(other) => {
-                    return Err(ProtoError::Violation(format!("unexpected {other:?}")))
-                }
+                Some(other) => return Err(ProtoError::Violation(format!("unexpected {other:?}"))),
             },
             Next::Job(ev) => {
                 let Some(j) = job.as_mut() else { continue };
@@ -310,13 +331,7 @@ async fn session(
 /// Sends the output the dispatcher does not have yet and, once the job ended, its result.
 async fn flush(conn: &mut Connection<TcpStream>, j: &mut ActiveJob) -> Result<(), ProtoError> {
     // Coalesce whatever output is already waiting into as few frames as possible.
-    while j.report.is_none() {
-        match j.events.try_recv() {
-            Ok(JobEvent::Output(bytes)) => j.output.extend_from_slice(&bytes),
-            Ok(JobEvent::Finished(report)) => j.report = Some(report),
-            Err(_) => break,
-        }
-    }
+    j.drain();
     while j.sent < j.output.len() {
         let end = (j.sent + MAX_LOG_CHUNK).min(j.output.len());
         conn.send(&ToDispatcher::Log {
@@ -362,7 +377,8 @@ async fn serve_status(
         tokio::spawn(async move {
             let mut conn = Connection::new(stream);
             let res = async {
-                conn.server_handshake(&[Role::Client], token.as_deref()).await?;
+                conn.server_handshake(&[Role::Client], token.as_deref())
+                    .await?;
                 let ToRunner::Status = conn
                     .recv_within::<ToRunner>(HANDSHAKE_TIMEOUT, "a status request")
                     .await?;

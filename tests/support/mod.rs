@@ -1,0 +1,616 @@
+//! Test harness shared by the integration tests, the demo and the benchmark (included with
+//! `#[path]`): real binaries in child processes that are killed on drop, fresh master
+//! repositories made from `test_repo_fixture/`, and waits that poll with a deadline.
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+/// Where the three binaries are.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    pub dispatcher: PathBuf,
+    pub runner: PathBuf,
+    pub observer: PathBuf,
+}
+
+impl Bins {
+    /// The binaries next to the running executable's directory (for examples, which live in
+    /// `target/<profile>/examples/`).
+    pub fn beside_current_exe() -> Result<Bins> {
+        let exe = std::env::current_exe()?;
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .ok_or_else(|| anyhow!("cannot locate target dir from {}", exe.display()))?;
+        let bins = Bins {
+            dispatcher: dir.join("dispatcher"),
+            runner: dir.join("test_runner"),
+            observer: dir.join("repo_observer"),
+        };
+        for b in [&bins.dispatcher, &bins.runner, &bins.observer] {
+            if !b.exists() {
+                bail!(
+                    "{} is missing: build the binaries first (cargo build --release)",
+                    b.display()
+                );
+            }
+        }
+        Ok(bins)
+    }
+}
+
+/// The repository's `test_repo_fixture/`.
+pub fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("test_repo_fixture")
+}
+
+/// A child process whose stderr is collected line by line; killed (SIGKILL) on drop.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    lines: Arc<(Mutex<Vec<String>>, Condvar)>,
+    echo: bool,
+}
+
+impl Proc {
+    /// Starts `cmd` with stderr captured (stdout discarded).
+    pub fn spawn(name: &str, mut cmd: Command) -> Result<Proc> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env(
+                "RUST_LOG",
+                std::env::var("TINYCI_TEST_LOG").unwrap_or("info".into()),
+            );
+        let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        let stderr = child.stderr.take().expect("stderr piped");
+        let lines = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let sink = lines.clone();
+        let echo = std::env::var_os("TINYCI_TEST_ECHO").is_some();
+        let tag = name.to_owned();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if echo {
+                    eprintln!("[{tag}] {line}");
+                }
+                let (m, cv) = &*sink;
+                m.lock().unwrap().push(line);
+                cv.notify_all();
+            }
+        });
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+            lines,
+            echo,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything logged so far.
+    pub fn log(&self) -> String {
+        self.lines.0.lock().unwrap().join("\n")
+    }
+
+    /// How many lines so far contain every one of `needles`.
+    pub fn count(&self, needles: &[&str]) -> usize {
+        self.lines
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .count()
+    }
+
+    /// Waits until `n` lines contain every one of `needles`; returns the n-th.
+    pub fn wait_for_nth(&self, needles: &[&str], n: usize, within: Duration) -> Result<String> {
+        let deadline = Instant::now() + within;
+        let (m, cv) = &*self.lines;
+        let mut lines = m.lock().unwrap();
+        loop {
+            let hits: Vec<&String> = lines
+                .iter()
+                .filter(|l| needles.iter().all(|x| l.contains(x)))
+                .collect();
+            if hits.len() >= n {
+                return Ok(hits[n - 1].clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                bail!(
+                    "{}: no line #{n} with {needles:?} within {within:?}; log:\n{}",
+                    self.name,
+                    lines.join("\n")
+                );
+            }
+            lines = cv.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Waits for a line containing every one of `needles`.
+    pub fn wait_for(&self, needles: &[&str], within: Duration) -> Result<String> {
+        self.wait_for_nth(needles, 1, within)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait (bounded) for a clean exit; returns the exit status if it came.
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // A stopped process must be continued to die promptly on some kernels' accounting.
+        self.signal(libc::SIGCONT);
+        self.kill();
+    }
+}
+
+/// Runs git with a fixed identity, failing with its stderr.
+pub fn git(dir: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=tinyci test",
+            "-c",
+            "user.email=test@tinyci.invalid",
+            "-c",
+            "init.defaultBranch=master",
+            "-c",
+            "commit.gpgsign=false",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .with_context(|| format!("running git {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "git {args:?} in {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == "__pycache__" {
+            continue;
+        }
+        let (src, dst) = (entry.path(), to.join(&name));
+        if entry.file_type()?.is_dir() {
+            copy_dir(&src, &dst)?;
+        } else {
+            std::fs::copy(&src, &dst)?;
+        }
+    }
+    Ok(())
+}
+
+/// A master repository made from the fixture.
+pub struct Master {
+    pub dir: PathBuf,
+}
+
+impl Master {
+    /// `dir` gets the fixture's files and one commit.
+    pub fn from_fixture(dir: &Path) -> Result<Master> {
+        copy_dir(&fixture_dir(), dir)?;
+        git(dir, &["init", "-q"])?;
+        git(dir, &["add", "-A"])?;
+        git(dir, &["commit", "-qm", "initial commit from the fixture"])?;
+        Ok(Master {
+            dir: dir.to_owned(),
+        })
+    }
+
+    pub fn head(&self) -> Result<String> {
+        git(&self.dir, &["rev-parse", "HEAD"])
+    }
+
+    /// Writes `files` (path, content) and commits them; returns the new sha.
+    pub fn commit(&self, message: &str, files: &[(&str, &str)]) -> Result<String> {
+        for (path, body) in files {
+            let p = self.dir.join(path);
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(p, body)?;
+        }
+        git(&self.dir, &["add", "-A"])?;
+        git(&self.dir, &["commit", "-qm", message, "--allow-empty"])?;
+        self.head()
+    }
+
+    /// Clones the master to `dest`.
+    pub fn clone_to(&self, dest: &Path) -> Result<PathBuf> {
+        let out = Command::new("git")
+            .args(["clone", "-q"])
+            .arg(&self.dir)
+            .arg(dest)
+            .output()?;
+        if !out.status.success() {
+            bail!("git clone: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(dest.to_owned())
+    }
+}
+
+/// A `.tinyci.toml` with one step per (name, run, timeout).
+pub fn spec(steps: &[(&str, &str, &str)]) -> String {
+    let mut s = String::new();
+    for (name, run, timeout) in steps {
+        s.push_str(&format!(
+            "[[steps]]\nname = {name:?}\nrun = {run:?}\ntimeout = {timeout:?}\n\n"
+        ));
+    }
+    s
+}
+
+static NEXT_RANGE: AtomicU32 = AtomicU32::new(0);
+
+/// A port range of our own for one runner (tests never bind fixed ports): 50 ports below the
+/// ephemeral range, spread by process id and a counter. If another test holds a port of
+/// it, the runner simply takes the next one.
+pub fn runner_port_range() -> String {
+    let n = NEXT_RANGE.fetch_add(1, Ordering::Relaxed);
+    let slot = (std::process::id().wrapping_mul(7919).wrapping_add(n * 13)) % 240;
+    let lo = 20_000 + slot * 50;
+    format!("{lo}-{}", lo + 49)
+}
+
+/// Options for a [`Cluster`].
+#[derive(Debug, Clone)]
+pub struct Opts {
+    pub runners: usize,
+    pub observer: bool,
+    pub poll_interval: &'static str,
+    pub heartbeat_interval: &'static str,
+    pub heartbeat_timeout: &'static str,
+    pub max_attempts: u32,
+    pub token: Option<String>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            runners: 1,
+            observer: true,
+            poll_interval: "100ms",
+            heartbeat_interval: "200ms",
+            heartbeat_timeout: "1s",
+            max_attempts: 3,
+            token: None,
+        }
+    }
+}
+
+/// A dispatcher, runners and an observer over a fresh master repository in a temp dir.
+/// Dropping it kills every process it started and every step process left behind.
+pub struct Cluster {
+    pub bins: Bins,
+    pub opts: Opts,
+    pub master: Master,
+    pub results: PathBuf,
+    pub dispatcher: Option<Proc>,
+    pub addr: String,
+    pub runners: Vec<Proc>,
+    /// The address each runner registered as (same order as `runners`).
+    pub runner_addrs: Vec<String>,
+    pub observer: Option<Proc>,
+    observer_clone: PathBuf,
+    next_clone: u32,
+    commits: Mutex<HashSet<String>>,
+    // Last, so it is removed after every process is dead.
+    pub tmp: tempfile::TempDir,
+}
+
+/// How long any single wait in a test may take before it counts as a failure.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+impl Cluster {
+    pub fn start(bins: Bins, opts: Opts) -> Result<Cluster> {
+        let tmp = tempfile::Builder::new().prefix("tinyci-test-").tempdir()?;
+        let master = Master::from_fixture(&tmp.path().join("master"))?;
+        let results = tmp.path().join("test_results");
+        let observer_clone = master.clone_to(&tmp.path().join("observer_clone"))?;
+        let mut c = Cluster {
+            bins,
+            opts,
+            master,
+            results,
+            dispatcher: None,
+            addr: String::new(),
+            runners: Vec::new(),
+            runner_addrs: Vec::new(),
+            observer: None,
+            observer_clone,
+            next_clone: 0,
+            commits: Mutex::new(HashSet::new()),
+            tmp,
+        };
+        c.start_dispatcher("0")?;
+        for _ in 0..c.opts.runners {
+            c.add_runner()?;
+        }
+        if c.opts.observer {
+            c.start_observer()?;
+        }
+        Ok(c)
+    }
+
+    fn token_env(&self, cmd: &mut Command) {
+        match &self.opts.token {
+            Some(t) => cmd.env("TINYCI_TOKEN", t),
+            None => cmd.env_remove("TINYCI_TOKEN"),
+        };
+    }
+
+    /// Starts (or restarts) the dispatcher on `port` ("0" for any) and waits until it listens.
+    pub fn start_dispatcher(&mut self, port: &str) -> Result<()> {
+        let mut cmd = Command::new(&self.bins.dispatcher);
+        cmd.args(["--host", "127.0.0.1", "--port", port, "--results-dir"])
+            .arg(&self.results)
+            .args([
+                "--heartbeat-interval",
+                self.opts.heartbeat_interval,
+                "--heartbeat-timeout",
+                self.opts.heartbeat_timeout,
+                "--max-attempts",
+                &self.opts.max_attempts.to_string(),
+            ]);
+        self.token_env(&mut cmd);
+        let p = Proc::spawn("dispatcher", cmd)?;
+        let line = p.wait_for(&["listening", "addr="], WAIT)?;
+        self.addr = field(&line, "addr").ok_or_else(|| anyhow!("no addr in {line:?}"))?;
+        self.dispatcher = Some(p);
+        Ok(())
+    }
+
+    pub fn dispatcher(&self) -> &Proc {
+        self.dispatcher.as_ref().expect("dispatcher running")
+    }
+
+    /// Clones the master for a new runner, starts it, and waits until the dispatcher has
+    /// registered it. Returns its index.
+    pub fn add_runner(&mut self) -> Result<usize> {
+        let registered_before = self.dispatcher().count(&["runner registered"]);
+        self.next_clone += 1;
+        let clone = self.master.clone_to(
+            &self
+                .tmp
+                .path()
+                .join(format!("runner_clone_{}", self.next_clone)),
+        )?;
+        let mut cmd = Command::new(&self.bins.runner);
+        cmd.args(["--host", "127.0.0.1", "--port-range"])
+            .arg(runner_port_range())
+            .args(["--dispatcher-server", &self.addr])
+            .arg(&clone);
+        self.token_env(&mut cmd);
+        let p = Proc::spawn(&format!("runner{}", self.next_clone), cmd)?;
+        let line = p.wait_for(&["listening", "addr="], WAIT)?;
+        let addr = field(&line, "addr").ok_or_else(|| anyhow!("no addr in {line:?}"))?;
+        self.dispatcher()
+            .wait_for_nth(&["runner registered"], registered_before + 1, WAIT)?;
+        self.dispatcher()
+            .wait_for(&["runner registered", &format!("addr={addr}")], WAIT)?;
+        self.runners.push(p);
+        self.runner_addrs.push(addr);
+        Ok(self.runners.len() - 1)
+    }
+
+    pub fn start_observer(&mut self) -> Result<()> {
+        let mut cmd = Command::new(&self.bins.observer);
+        cmd.args([
+            "--dispatcher-server",
+            &self.addr,
+            "--poll-interval",
+            self.opts.poll_interval,
+        ])
+        .arg(&self.observer_clone);
+        self.token_env(&mut cmd);
+        let p = Proc::spawn("observer", cmd)?;
+        p.wait_for(&["watching"], WAIT)?;
+        self.observer = Some(p);
+        Ok(())
+    }
+
+    /// Commits to the master (and remembers the sha, to clean its processes up).
+    pub fn commit(&self, message: &str, files: &[(&str, &str)]) -> Result<String> {
+        let sha = self.master.commit(message, files)?;
+        self.commits.lock().unwrap().insert(sha.clone());
+        Ok(sha)
+    }
+
+    pub fn remember(&self, sha: &str) {
+        self.commits.lock().unwrap().insert(sha.to_owned());
+    }
+
+    pub fn json_path(&self, sha: &str) -> PathBuf {
+        self.results.join(format!("{sha}.json"))
+    }
+
+    pub fn log_text(&self, sha: &str) -> String {
+        std::fs::read_to_string(self.results.join(format!("{sha}.log"))).unwrap_or_default()
+    }
+
+    /// Waits for `<sha>.json` and returns it parsed.
+    pub fn wait_result(&self, sha: &str, within: Duration) -> Result<Value> {
+        self.remember(sha);
+        let path = self.json_path(sha);
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(text) = std::fs::read(&path) {
+                return serde_json::from_slice(&text)
+                    .with_context(|| format!("parsing {}", path.display()));
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "no result for {sha} within {within:?}\n--- dispatcher log:\n{}\n--- runner logs:\n{}\n--- observer log:\n{}",
+                    self.dispatcher.as_ref().map(Proc::log).unwrap_or_default(),
+                    self.runners.iter().map(Proc::log).collect::<Vec<_>>().join("\n---\n"),
+                    self.observer.as_ref().map(Proc::log).unwrap_or_default(),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The `<sha>.json` files present.
+    pub fn result_files(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.results)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                    .filter_map(|n| n.strip_suffix(".json").map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Index of the runner registered as `addr`.
+    pub fn runner_index(&self, addr: &str) -> Option<usize> {
+        self.runner_addrs.iter().position(|a| a == addr)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.observer.take();
+        self.runners.clear();
+        self.dispatcher.take();
+        let shas: Vec<String> = self.commits.lock().unwrap().iter().cloned().collect();
+        for sha in shas {
+            for pid in step_processes(&sha) {
+                // SAFETY: kill(2) on a process that carries our test's commit in its env.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+/// The value of `key=` in a tracing line.
+pub fn field(line: &str, key: &str) -> Option<String> {
+    let pat = format!("{key}=");
+    let start = line.find(&pat)? + pat.len();
+    let rest = &line[start..];
+    let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+    Some(rest[..end].trim_matches('"').to_owned())
+}
+
+/// Live processes (not zombies) whose environment has `TINYCI_COMMIT=<sha>`: the
+/// processes of that commit's steps.
+pub fn step_processes(sha: &str) -> Vec<i32> {
+    let needle = format!("TINYCI_COMMIT={sha}");
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
+            let zombie = std::fs::read_to_string(e.path().join("stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, r)| r.trim_start().starts_with('Z'))
+                })
+                .unwrap_or(true);
+            if !zombie {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// Waits until `f` returns true.
+pub fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + within;
+    while !f() {
+        if Instant::now() >= deadline {
+            bail!("timed out after {within:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Step names and statuses of a result.
+pub fn steps(result: &Value) -> Vec<(String, String)> {
+    result["steps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| {
+                    (
+                        s["name"].as_str().unwrap_or("").to_owned(),
+                        s["status"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Milliseconds since the epoch of an RFC 3339 field.
+pub fn time_ms(result: &Value, key: &str) -> Result<u128> {
+    let s = result[key]
+        .as_str()
+        .ok_or_else(|| anyhow!("no {key} in {result}"))?;
+    let t = humantime::parse_rfc3339(s)?;
+    Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_millis())
+}
