@@ -374,7 +374,7 @@ impl Core {
                                 ));
                             }
                         }
-                        info!(commit = %result.commit, status = ?result.status, runner = %runner, attempts = result.attempts, "result written");
+                        info!(commit = %result.commit, status = ?result.status, runner = %runner, attempts = result.attempts, job = %job, "result written");
                         self.record(&result)?;
                     }
                     None => {

@@ -200,11 +200,22 @@ async fn run_step(
         .env("CI", "true")
         .env("TINYCI_COMMIT", commit.as_str())
         .env("TINYCI_STEP", &step.name)
+        .env(CLONE_ENV, workdir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
+    // which is async-signal-safe. If the runner dies (even by SIGKILL), the step's shell is
+    // killed with it; what the shell forked is swept by the next runner on this clone
+    // (`kill_leftovers`).
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -286,6 +297,47 @@ async fn run_step(
         }
         End::Cancelled => report(StepStatus::Failure, None),
     }
+}
+
+/// The environment variable that marks every process of a step with the runner's clone.
+pub const CLONE_ENV: &str = "TINYCI_RUNNER_CLONE";
+
+/// Kills the processes that a previous runner on the clone at `workdir` left behind (it was
+/// killed mid-step, say): every process of this user whose environment carries
+/// `TINYCI_RUNNER_CLONE=<workdir>`. Returns how many were killed. Only one runner may use a
+/// clone at a time, so these cannot belong to a live runner.
+pub fn kill_leftovers(workdir: &std::path::Path) -> usize {
+    let mut needle = format!("{CLONE_ENV}=").into_bytes();
+    needle.extend_from_slice(workdir.as_os_str().as_encoded_bytes());
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let me = std::process::id();
+    let mut killed = 0;
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        if pid as u32 == me {
+            continue;
+        }
+        // Unreadable (another user's process, or gone): not ours to kill.
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if env.split(|b| *b == 0).any(|kv| kv == needle.as_slice()) {
+            // SAFETY: kill(2) on a process that carries our clone's marker.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            killed += 1;
+        }
+    }
+    killed
 }
 
 /// Signals every process in group `pgid` (ignoring a group that is already gone).

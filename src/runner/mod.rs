@@ -137,13 +137,28 @@ struct Status {
 /// Runs the runner on `listener` until `shutdown`.
 pub async fn run(
     listener: TcpListener,
-    config: Config,
+    mut config: Config,
     shutdown: Shutdown,
 ) -> Result<(), RunnerError> {
+    // One spelling of the clone's path, so the leftover sweep recognises its own marker.
+    config.repo = std::fs::canonicalize(&config.repo).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("repository clone {}: {e}", config.repo.display()),
+        )
+    })?;
     let repo = config.repo.clone();
-    tokio::task::spawn_blocking(move || crate::git::check_repo(&repo))
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))??;
+    let leftovers = tokio::task::spawn_blocking(move || {
+        crate::git::check_repo(&repo).map(|()| job::kill_leftovers(&repo))
+    })
+    .await
+    .map_err(|e| std::io::Error::other(e.to_string()))??;
+    if leftovers > 0 {
+        warn!(
+            killed = leftovers,
+            "killed processes an earlier runner on this clone left running"
+        );
+    }
     let addr = listener.local_addr()?.to_string();
     let status = Arc::new(Mutex::new(Status::default()));
     let status_task = tokio::spawn(serve_status(

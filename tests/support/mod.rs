@@ -340,6 +340,10 @@ pub struct Cluster {
     pub runners: Vec<Proc>,
     /// The address each runner registered as (same order as `runners`).
     pub runner_addrs: Vec<String>,
+    /// Each runner's clone (same order as `runners`).
+    pub runner_clones: Vec<PathBuf>,
+    /// Dispatchers that were killed and replaced, oldest first (their logs stay readable).
+    pub past_dispatchers: Vec<Proc>,
     pub observer: Option<Proc>,
     observer_clone: PathBuf,
     next_clone: u32,
@@ -366,6 +370,8 @@ impl Cluster {
             addr: String::new(),
             runners: Vec::new(),
             runner_addrs: Vec::new(),
+            runner_clones: Vec::new(),
+            past_dispatchers: Vec::new(),
             observer: None,
             observer_clone,
             next_clone: 0,
@@ -417,30 +423,66 @@ impl Cluster {
     /// Clones the master for a new runner, starts it, and waits until the dispatcher has
     /// registered it. Returns its index.
     pub fn add_runner(&mut self) -> Result<usize> {
-        let registered_before = self.dispatcher().count(&["runner registered"]);
         self.next_clone += 1;
-        let clone = self.master.clone_to(
-            &self
-                .tmp
-                .path()
-                .join(format!("runner_clone_{}", self.next_clone)),
-        )?;
+        let name = format!("runner_clone_{}", self.next_clone);
+        let clone = self.master.clone_to(&self.tmp.path().join(name))?;
+        let (p, addr) = self.spawn_runner(&clone)?;
+        self.runners.push(p);
+        self.runner_addrs.push(addr);
+        self.runner_clones.push(clone);
+        Ok(self.runners.len() - 1)
+    }
+
+    /// Kills runner `i` (if still alive) and starts a new one on the same clone, waiting
+    /// until it is registered.
+    pub fn restart_runner(&mut self, i: usize) -> Result<()> {
+        self.runners[i].kill();
+        let clone = self.runner_clones[i].clone();
+        let (p, addr) = self.spawn_runner(&clone)?;
+        self.runners[i] = p;
+        self.runner_addrs[i] = addr;
+        Ok(())
+    }
+
+    /// `kill -9` of the dispatcher, then a new one on the same port and results directory.
+    pub fn restart_dispatcher(&mut self) -> Result<()> {
+        let mut old = self.dispatcher.take().expect("dispatcher running");
+        old.kill();
+        self.past_dispatchers.push(old);
+        let port = self.addr.rsplit(':').next().unwrap_or("0").to_owned();
+        self.start_dispatcher(&port)
+    }
+
+    /// The logs of every dispatcher this cluster ran, oldest first.
+    pub fn all_dispatcher_logs(&self) -> String {
+        self.past_dispatchers
+            .iter()
+            .chain(self.dispatcher.as_ref())
+            .map(Proc::log)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn spawn_runner(&self, clone: &Path) -> Result<(Proc, String)> {
+        let registered_before = self.dispatcher().count(&["runner registered"]);
         let mut cmd = Command::new(&self.bins.runner);
         cmd.args(["--host", "127.0.0.1", "--port-range"])
             .arg(runner_port_range())
             .args(["--dispatcher-server", &self.addr])
-            .arg(&clone);
+            .arg(clone);
         self.token_env(&mut cmd);
-        let p = Proc::spawn(&format!("runner{}", self.next_clone), cmd)?;
+        let name = clone
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("runner");
+        let p = Proc::spawn(name, cmd)?;
         let line = p.wait_for(&["listening", "addr="], WAIT)?;
         let addr = field(&line, "addr").ok_or_else(|| anyhow!("no addr in {line:?}"))?;
         self.dispatcher()
             .wait_for_nth(&["runner registered"], registered_before + 1, WAIT)?;
         self.dispatcher()
             .wait_for(&["runner registered", &format!("addr={addr}")], WAIT)?;
-        self.runners.push(p);
-        self.runner_addrs.push(addr);
-        Ok(self.runners.len() - 1)
+        Ok((p, addr))
     }
 
     pub fn start_observer(&mut self) -> Result<()> {
