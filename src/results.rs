@@ -51,23 +51,53 @@ pub fn log_path(dir: &Path, commit: &CommitId) -> PathBuf {
     dir.join(format!("{commit}.log"))
 }
 
-/// Writes `<sha>.json` atomically: temp file in the same directory, fsync, rename, fsync
-/// of the directory. A reader sees either no file or the whole file.
+/// Writes `<sha>.json` atomically: see [`write_results`].
 pub fn write_result(dir: &Path, result: &ResultFile) -> io::Result<PathBuf> {
-    let path = json_path(dir, &result.commit);
-    let tmp = dir
-        .join(STATE_DIR)
-        .join(format!("{}.json.tmp", result.commit));
-    let mut body = serde_json::to_vec_pretty(result).map_err(io::Error::other)?;
-    body.push(b'\n');
-    {
+    write_results(dir, std::slice::from_ref(result))?;
+    Ok(json_path(dir, &result.commit))
+}
+
+/// Writes a batch of `<sha>.json` files atomically and durably: each goes to a temp file
+/// in [`STATE_DIR`], the data is synced, then each is renamed into place and the directory
+/// is synced. A reader sees either no file or a whole one; after this returns, a power cut
+/// loses none of them. A batch costs three syncs however many files it has (one file:
+/// its own fsync; more: one `syncfs` of the filesystem).
+pub fn write_results(dir: &Path, results: &[ResultFile]) -> io::Result<()> {
+    if results.is_empty() {
+        return Ok(());
+    }
+    let state = dir.join(STATE_DIR);
+    let mut staged = Vec::with_capacity(results.len());
+    for result in results {
+        let tmp = state.join(format!("{}.json.tmp", result.commit));
+        let mut body = serde_json::to_vec_pretty(result).map_err(io::Error::other)?;
+        body.push(b'\n');
         let mut f = File::create(&tmp)?;
         f.write_all(&body)?;
-        f.sync_all()?;
+        if results.len() == 1 {
+            f.sync_all()?;
+        }
+        staged.push((tmp, json_path(dir, &result.commit)));
     }
-    fs::rename(&tmp, &path)?;
-    File::open(dir)?.sync_all()?;
-    Ok(path)
+    if results.len() > 1 {
+        sync_filesystem(&state)?;
+    }
+    for (tmp, path) in &staged {
+        fs::rename(tmp, path)?;
+    }
+    File::open(dir)?.sync_all()
+}
+
+/// Flushes every dirty page of the filesystem holding `path` (one call for a batch).
+fn sync_filesystem(path: &Path) -> io::Result<()> {
+    let f = File::open(path)?;
+    // SAFETY: syncfs(2) on a file descriptor we own for the duration of the call.
+    let rc = unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Reads a result file back.
@@ -137,6 +167,20 @@ mod tests {
         assert_eq!(v["status"], "success");
         assert_eq!(v["steps"][0]["status"], "success");
         assert_eq!(v["error"], serde_json::Value::Null);
-        assert_eq!(finished_commits(dir.path()).unwrap(), vec![commit]);
+        assert_eq!(finished_commits(dir.path()).unwrap(), vec![commit.clone()]);
+
+        // A batch lands whole, and leaves no temp file behind.
+        let batch: Vec<ResultFile> = (1..=3u8)
+            .map(|n| ResultFile {
+                commit: CommitId::parse(&format!("{n:02x}").repeat(20)).unwrap(),
+                ..r.clone()
+            })
+            .collect();
+        write_results(dir.path(), &batch).unwrap();
+        for b in &batch {
+            assert_eq!(read_result(dir.path(), &b.commit).unwrap(), *b);
+        }
+        assert_eq!(finished_commits(dir.path()).unwrap().len(), 4);
+        assert_eq!(fs::read_dir(dir.path().join(STATE_DIR)).unwrap().count(), 0);
     }
 }

@@ -153,6 +153,17 @@ impl LogSink {
     }
 }
 
+/// What one batch of events produced that must wait for the batch to be durable.
+#[derive(Default)]
+struct Batch {
+    /// Answers to observers.
+    acks: Vec<(oneshot::Sender<FromDispatcher>, FromDispatcher)>,
+    /// Result files to write.
+    results: Vec<ResultFile>,
+    /// Result acknowledgements to runners: (runner, job, accepted).
+    result_acks: Vec<(RunnerId, JobId, bool)>,
+}
+
 /// The core's state.
 pub struct Core {
     sched: Scheduler,
@@ -250,21 +261,16 @@ impl Core {
                 self.orphan_deadline = None;
                 self.requeue_orphans()?;
             }
-            let mut acks = Vec::new();
+            let mut batch = Batch::default();
             let mut stop = false;
             for ev in first.into_iter().chain(rx.try_iter().take(4096)) {
                 if matches!(ev, Event::Shutdown) {
                     stop = true;
                     break;
                 }
-                self.handle(ev, &mut acks)?;
+                self.handle(ev, &mut batch)?;
             }
-            self.journal
-                .sync()
-                .map_err(storage("syncing the journal"))?;
-            for (reply, msg) in acks {
-                let _ = reply.send(msg);
-            }
+            self.commit(batch)?;
             self.dispatch()?;
             if stop {
                 self.journal
@@ -275,11 +281,33 @@ impl Core {
         }
     }
 
-    fn handle(
-        &mut self,
-        ev: Event,
-        acks: &mut Vec<(oneshot::Sender<FromDispatcher>, FromDispatcher)>,
-    ) -> Result<(), StorageError> {
+    /// Makes a batch durable — result files, then the journal (one sync each) — and only
+    /// then lets its acknowledgements out.
+    fn commit(&mut self, batch: Batch) -> Result<(), StorageError> {
+        results::write_results(&self.dir, &batch.results)
+            .map_err(storage("writing result files"))?;
+        for r in &batch.results {
+            self.journal
+                .append(&Record::Finished {
+                    commit: r.commit.clone(),
+                })
+                .map_err(storage("journaling a result"))?;
+        }
+        self.journal
+            .sync()
+            .map_err(storage("syncing the journal"))?;
+        for (reply, msg) in batch.acks {
+            let _ = reply.send(msg);
+        }
+        for (runner, job, accepted) in batch.result_acks {
+            if let Some(tx) = self.runners.get(&runner) {
+                let _ = tx.send(FromDispatcher::ResultAck { job, accepted });
+            }
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, ev: Event, batch: &mut Batch) -> Result<(), StorageError> {
         let now = SystemTime::now();
         match ev {
             Event::Submit { commits, reply } => {
@@ -299,7 +327,9 @@ impl Core {
                         known += 1;
                     }
                 }
-                acks.push((reply, FromDispatcher::Submitted { queued, known }));
+                batch
+                    .acks
+                    .push((reply, FromDispatcher::Submitted { queued, known }));
             }
             Event::RunnerJoined {
                 addr,
@@ -332,7 +362,7 @@ impl Core {
                             let _ = sink.note(&format!("runner lost ({reason}); giving up"));
                         }
                         warn!(runner = %runner, commit = %result.commit, attempts = result.attempts, "commit keeps losing its runner; recorded as error");
-                        self.record(&result)?;
+                        batch.results.push(result);
                     }
                 }
             }
@@ -375,15 +405,13 @@ impl Core {
                             }
                         }
                         info!(commit = %result.commit, status = ?result.status, runner = %runner, attempts = result.attempts, job = %job, "result written");
-                        self.record(&result)?;
+                        batch.results.push(result);
                     }
                     None => {
                         warn!(runner = %runner, job = %job, "superseded attempt refused: its late result is dropped")
                     }
                 }
-                if let Some(tx) = self.runners.get(&runner) {
-                    let _ = tx.send(FromDispatcher::ResultAck { job, accepted });
-                }
+                batch.result_acks.push((runner, job, accepted));
             }
             Event::Shutdown => {}
         }
@@ -463,17 +491,6 @@ impl Core {
                 });
             }
         }
-        Ok(())
-    }
-
-    fn record(&mut self, result: &ResultFile) -> Result<(), StorageError> {
-        results::write_result(&self.dir, result)
-            .map_err(storage(format!("writing the result of {}", result.commit)))?;
-        self.journal
-            .append(&Record::Finished {
-                commit: result.commit.clone(),
-            })
-            .map_err(storage("journaling a result"))?;
         Ok(())
     }
 }
