@@ -53,16 +53,18 @@ pub fn log_path(dir: &Path, commit: &CommitId) -> PathBuf {
 
 /// Writes `<sha>.json` atomically: see [`write_results`].
 pub fn write_result(dir: &Path, result: &ResultFile) -> io::Result<PathBuf> {
-    write_results(dir, std::slice::from_ref(result))?;
+    write_results(dir, std::slice::from_ref(result), true)?;
     Ok(json_path(dir, &result.commit))
 }
 
-/// Writes a batch of `<sha>.json` files atomically and durably: each goes to a temp file
-/// in [`STATE_DIR`], the data is synced, then each is renamed into place and the directory
-/// is synced. A reader sees either no file or a whole one; after this returns, a power cut
-/// loses none of them. A batch costs three syncs however many files it has (one file:
-/// its own fsync; more: one `syncfs` of the filesystem).
-pub fn write_results(dir: &Path, results: &[ResultFile]) -> io::Result<()> {
+/// Writes a batch of `<sha>.json` files atomically: each goes to a temp file in
+/// [`STATE_DIR`] and is renamed into place, so a reader sees either no file or a whole one.
+///
+/// With `durable`, the data is synced before the renames and the directory after them (a
+/// batch costs three syncs however many files it has: one file, its own fsync; more, one
+/// `syncfs`). Without, nothing is synced: the dispatcher's journal, which records every
+/// result and is synced once per batch, is what makes results survive a power cut.
+pub fn write_results(dir: &Path, results: &[ResultFile], durable: bool) -> io::Result<()> {
     if results.is_empty() {
         return Ok(());
     }
@@ -74,22 +76,25 @@ pub fn write_results(dir: &Path, results: &[ResultFile]) -> io::Result<()> {
         body.push(b'\n');
         let mut f = File::create(&tmp)?;
         f.write_all(&body)?;
-        if results.len() == 1 {
+        if durable && results.len() == 1 {
             f.sync_all()?;
         }
         staged.push((tmp, json_path(dir, &result.commit)));
     }
-    if results.len() > 1 {
+    if durable && results.len() > 1 {
         sync_filesystem(&state)?;
     }
     for (tmp, path) in &staged {
         fs::rename(tmp, path)?;
     }
-    File::open(dir)?.sync_all()
+    if durable {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Flushes every dirty page of the filesystem holding `path` (one call for a batch).
-fn sync_filesystem(path: &Path) -> io::Result<()> {
+pub fn sync_filesystem(path: &Path) -> io::Result<()> {
     let f = File::open(path)?;
     // SAFETY: syncfs(2) on a file descriptor we own for the duration of the call.
     let rc = unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)) };
@@ -176,7 +181,7 @@ mod tests {
                 ..r.clone()
             })
             .collect();
-        write_results(dir.path(), &batch).unwrap();
+        write_results(dir.path(), &batch, true).unwrap();
         for b in &batch {
             assert_eq!(read_result(dir.path(), &b.commit).unwrap(), *b);
         }

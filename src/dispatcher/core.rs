@@ -206,6 +206,7 @@ impl Core {
                 core.journal
                     .append(&Record::Finished {
                         commit: p.commit.clone(),
+                        result: None,
                     })
                     .map_err(storage("journaling a finished commit"))?;
                 continue;
@@ -281,15 +282,16 @@ impl Core {
         }
     }
 
-    /// Makes a batch durable — result files, then the journal (one sync each) — and only
-    /// then lets its acknowledgements out.
+    /// Makes a batch durable — result files written, then their journal lines, then one
+    /// journal sync — and only then lets its acknowledgements out.
     fn commit(&mut self, batch: Batch) -> Result<(), StorageError> {
-        results::write_results(&self.dir, &batch.results)
+        results::write_results(&self.dir, &batch.results, false)
             .map_err(storage("writing result files"))?;
-        for r in &batch.results {
+        for r in batch.results {
             self.journal
                 .append(&Record::Finished {
                     commit: r.commit.clone(),
+                    result: Some(Box::new(r)),
                 })
                 .map_err(storage("journaling a result"))?;
         }

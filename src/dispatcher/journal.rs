@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tinyci_proto::{CommitId, JobId};
 
-use crate::results::STATE_DIR;
+use crate::results::{self, ResultFile, STATE_DIR};
 
 /// One line of the journal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,10 +47,15 @@ pub enum Record {
         /// The commit.
         commit: CommitId,
     },
-    /// A commit's result file is written.
+    /// A commit's result file is written. The record carries the whole result: result
+    /// files are not synced one by one, so after a power cut the journal is what restores
+    /// them (see [`Journal::open`]).
     Finished {
         /// The commit.
         commit: CommitId,
+        /// The result as written to `<sha>.json`.
+        #[serde(default)]
+        result: Option<Box<ResultFile>>,
     },
 }
 
@@ -86,15 +91,48 @@ fn from_ms(ms: u64) -> SystemTime {
 }
 
 impl Journal {
-    /// Opens the journal under `results_dir`, replays it, rewrites it with only the live
-    /// commits, and returns it with the unfinished commits in queue order.
+    /// Opens the journal under `results_dir` and recovers from whatever stopped the last
+    /// dispatcher:
+    ///
+    /// 1. replays it into the unfinished commits, in queue order;
+    /// 2. rewrites any result file the journal has but the disk lost or tore (a power cut
+    ///    before the unsynced file reached the disk), and counts as finished a pending
+    ///    commit whose result file is whole (the crash came between the file and its
+    ///    journal line) — a torn one is removed and the commit runs again;
+    /// 3. syncs the filesystem, so every result the old journal vouched for is durable;
+    /// 4. only then rewrites the journal with just the unfinished commits.
     pub fn open(results_dir: &Path) -> io::Result<(Journal, Vec<Pending>)> {
         let path = results_dir.join(STATE_DIR).join("journal");
-        let pending = match File::open(&path) {
+        let (mut pending, finished) = match File::open(&path) {
             Ok(f) => replay(BufReader::new(f))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (Vec::new(), Vec::new()),
             Err(e) => return Err(e),
         };
+        let mut restored = 0;
+        for r in &finished {
+            if results::read_result(results_dir, &r.commit).ok().as_ref() != Some(r) {
+                results::write_results(results_dir, std::slice::from_ref(r), false)?;
+                restored += 1;
+            }
+        }
+        if restored > 0 {
+            tracing::warn!(restored, "result files restored from the journal");
+        }
+        let mut torn = 0;
+        pending.retain(|p| match results::read_result(results_dir, &p.commit) {
+            Ok(_) => false,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+            Err(_) => {
+                torn += 1;
+                let _ = fs::remove_file(results::json_path(results_dir, &p.commit));
+                true
+            }
+        });
+        if torn > 0 {
+            tracing::warn!(torn, "torn result files removed; their commits run again");
+        }
+        results::sync_filesystem(results_dir)?;
+
         // Compact: write the live state to a new file and swap it in atomically.
         let tmp = path.with_extension("tmp");
         {
@@ -178,10 +216,12 @@ fn records_of(p: &Pending) -> Vec<Record> {
     v
 }
 
-/// Rebuilds the unfinished commits, in the order they were queued.
-fn replay(r: impl BufRead) -> io::Result<Vec<Pending>> {
+/// Rebuilds the unfinished commits, in the order they were queued, and the results the
+/// journal recorded.
+fn replay(r: impl BufRead) -> io::Result<(Vec<Pending>, Vec<ResultFile>)> {
     let mut order: Vec<CommitId> = Vec::new();
     let mut live: HashMap<CommitId, Pending> = HashMap::new();
+    let mut finished: HashMap<CommitId, ResultFile> = HashMap::new();
     let mut lines = r.split(b'\n').peekable();
     let mut n = 0usize;
     while let Some(line) = lines.next() {
@@ -232,12 +272,16 @@ fn replay(r: impl BufRead) -> io::Result<Vec<Pending>> {
                     p.running = None;
                 }
             }
-            Record::Finished { commit } => {
+            Record::Finished { commit, result } => {
                 live.remove(&commit);
+                if let Some(r) = result {
+                    finished.insert(commit, *r);
+                }
             }
         }
     }
-    Ok(order.into_iter().filter_map(|c| live.remove(&c)).collect())
+    let pending = order.into_iter().filter_map(|c| live.remove(&c)).collect();
+    Ok((pending, finished.into_values().collect()))
 }
 
 #[cfg(test)]
@@ -271,7 +315,11 @@ mod tests {
                 log_base: 0,
             })
             .unwrap();
-            j.append(&Record::Finished { commit: c(1) }).unwrap();
+            j.append(&Record::Finished {
+                commit: c(1),
+                result: None,
+            })
+            .unwrap();
             j.append(&Record::Assigned {
                 commit: c(2),
                 job,
@@ -312,6 +360,55 @@ mod tests {
         // The compacted journal replays to the same state.
         let (_, again) = Journal::open(dir.path()).unwrap();
         check(&again);
+    }
+
+    fn result(commit: CommitId) -> ResultFile {
+        ResultFile {
+            commit,
+            status: tinyci_proto::RunStatus::Success,
+            steps: Vec::new(),
+            runner: Some("r".into()),
+            attempts: 1,
+            queued_at: "2026-01-01T00:00:00.000Z".into(),
+            started_at: None,
+            finished_at: "2026-01-01T00:00:01.000Z".into(),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn results_lost_or_torn_by_a_power_cut_are_repaired_from_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join(STATE_DIR)).unwrap();
+        {
+            let (mut j, _) = Journal::open(dir.path()).unwrap();
+            for n in 1..=3 {
+                j.append(&Record::Queued {
+                    commit: c(n),
+                    at_ms: 1,
+                })
+                .unwrap();
+            }
+            // c(1) finished and journaled, but its file never reached the disk.
+            j.append(&Record::Finished {
+                commit: c(1),
+                result: Some(Box::new(result(c(1)))),
+            })
+            .unwrap();
+            j.sync().unwrap();
+        }
+        // c(2): whole file, journal line lost. c(3): torn file, journal line lost.
+        results::write_result(dir.path(), &result(c(2))).unwrap();
+        fs::write(results::json_path(dir.path(), &c(3)), b"").unwrap();
+
+        let (_, pending) = Journal::open(dir.path()).unwrap();
+        assert_eq!(
+            results::read_result(dir.path(), &c(1)).unwrap(),
+            result(c(1))
+        );
+        assert_eq!(pending.len(), 1, "only the torn one runs again");
+        assert_eq!(pending[0].commit, c(3));
+        assert!(!results::json_path(dir.path(), &c(3)).exists());
     }
 
     #[test]
