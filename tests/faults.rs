@@ -10,11 +10,7 @@ use anyhow::{ensure, Result};
 use support::*;
 
 fn bins() -> Bins {
-    Bins {
-        dispatcher: env!("CARGO_BIN_EXE_dispatcher").into(),
-        runner: env!("CARGO_BIN_EXE_test_runner").into(),
-        observer: env!("CARGO_BIN_EXE_repo_observer").into(),
-    }
+    Bins::for_tests()
 }
 
 /// How many lines of `log` contain every one of `needles`.

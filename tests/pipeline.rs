@@ -9,11 +9,7 @@ use anyhow::Result;
 use support::*;
 
 fn bins() -> Bins {
-    Bins {
-        dispatcher: env!("CARGO_BIN_EXE_dispatcher").into(),
-        runner: env!("CARGO_BIN_EXE_test_runner").into(),
-        observer: env!("CARGO_BIN_EXE_repo_observer").into(),
-    }
+    Bins::for_tests()
 }
 
 /// A spec whose only step sleeps (to keep a runner busy), then passes.

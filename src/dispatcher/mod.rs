@@ -188,7 +188,8 @@ async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &Ctx) {
     };
     if let Err(e) = res {
         warn!(role = %role, error = %e, "connection closed on error");
-        if matches!(e, ProtoError::Decode(_)) {
+        // Tell the peer why, where it can still read: the write half works after a bad frame.
+        if matches!(e, ProtoError::Decode(_) | ProtoError::FrameTooLarge) {
             let _ = conn
                 .send(&FromDispatcher::Error {
                     reason: e.to_string(),

@@ -23,6 +23,17 @@ pub struct Bins {
 }
 
 impl Bins {
+    /// The binaries cargo built for this integration test.
+    pub fn for_tests() -> Bins {
+        // option_env!: this file is also compiled into examples, where these are unset.
+        let get = |v: Option<&str>| PathBuf::from(v.expect("only set in integration tests"));
+        Bins {
+            dispatcher: get(option_env!("CARGO_BIN_EXE_dispatcher")),
+            runner: get(option_env!("CARGO_BIN_EXE_test_runner")),
+            observer: get(option_env!("CARGO_BIN_EXE_repo_observer")),
+        }
+    }
+
     /// The binaries next to the running executable's directory (for examples, which live in
     /// `target/<profile>/examples/`).
     pub fn beside_current_exe() -> Result<Bins> {
@@ -241,7 +252,10 @@ impl Master {
         copy_dir(&fixture_dir(), dir)?;
         git(dir, &["init", "-q"])?;
         git(dir, &["add", "-A"])?;
-        git(dir, &["commit", "-qm", "initial commit from the fixture"])?;
+        // The message names the directory, so two tests never share a commit id (the
+        // cleanup sweep kills processes by commit id).
+        let message = format!("initial commit from the fixture\n\n{}", dir.display());
+        git(dir, &["commit", "-qm", &message])?;
         Ok(Master {
             dir: dir.to_owned(),
         })
