@@ -1,10 +1,16 @@
 //! Every git2 call in tinyci. Synchronous; the async roles call these through
 //! `spawn_blocking`. No git2 type leaks out: callers see [`CommitId`]s, paths and [`GitError`].
 
-use std::path::Path;
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use git2::build::CheckoutBuilder;
-use git2::{FetchOptions, Oid, Repository, Sort};
+use git2::{FetchOptions, FileMode, ObjectType, Oid, Repository, Sort, Tree};
 use tinyci_proto::CommitId;
 
 /// A failed git operation, with what we were doing.
@@ -128,34 +134,393 @@ pub fn commits_between(
     Ok(out)
 }
 
-/// What [`checkout`] did.
+/// What [`Workspace::checkout`] did.
 #[derive(Debug, Clone, Copy)]
 pub struct Checkout {
     /// Whether the commit had to be fetched first.
     pub fetched: bool,
+    /// Whether only what changed was touched (else libgit2's full checkout ran).
+    pub incremental: bool,
 }
 
-/// Makes the work tree of the clone at `path` exactly `commit`: fetches only when the
-/// commit is not there yet, checks out incrementally from the current HEAD, and removes
-/// every untracked or ignored file a previous job left behind. HEAD is left detached.
-pub fn checkout(path: &Path, commit: &CommitId) -> Result<Checkout, GitError> {
-    let repo = open(path)?;
-    let oid = Oid::from_str(commit.as_str()).map_err(err("parsing commit"))?;
-    let mut fetched = false;
-    if repo.find_commit(oid).is_err() {
-        fetch_origin(&repo, &["+refs/heads/*:refs/remotes/origin/*"])?;
-        fetched = true;
+/// Files changed by the previous job are found by their ctime, which only the kernel sets;
+/// the kernel stamps it from a coarse clock, so the threshold leaves this much slack
+/// (files our own checkout wrote in that window are merely re-hashed).
+const CTIME_SLACK: Duration = Duration::from_millis(100);
+
+/// A runner's clone, kept open between jobs so each checkout touches only what changed.
+pub struct Workspace {
+    path: PathBuf,
+    repo: Repository,
+    /// The commit last checked out and the time after which any change to the work tree
+    /// was made by someone else (the job that ran there).
+    clean: Option<(Oid, SystemTime)>,
+}
+
+impl Workspace {
+    /// Opens the clone at `path`; it must have an `origin` remote.
+    pub fn open(path: &Path) -> Result<Workspace, GitError> {
+        // Objects come from our own clone; re-hashing each one on every read (libgit2's
+        // default) was a tenth of a checkout's time.
+        git2::opts::strict_hash_verification(false);
+        check_repo(path)?;
+        Ok(Workspace {
+            path: path.to_path_buf(),
+            repo: open(path)?,
+            clean: None,
+        })
     }
-    let target = repo.find_commit(oid).map_err(err(format!(
-        "finding commit {commit} (not on any branch of origin?)"
-    )))?;
-    let mut opts = CheckoutBuilder::new();
-    opts.force().remove_untracked(true).remove_ignored(true);
-    repo.checkout_tree(target.as_object(), Some(&mut opts))
-        .map_err(err(format!("checking out {commit}")))?;
-    repo.set_head_detached(oid)
-        .map_err(err(format!("moving HEAD to {commit}")))?;
-    Ok(Checkout { fetched })
+
+    /// The clone's work tree.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Makes the work tree exactly `commit`: fetches only when the commit is not there
+    /// yet; removes every untracked or ignored file and undoes every change the previous
+    /// job made; leaves HEAD detached at the commit.
+    ///
+    /// The first checkout after start (and any case the fast path does not handle:
+    /// submodules, `.gitattributes` filters, autocrlf) is libgit2's full checkout. After
+    /// that, one walk of the work tree (an lstat per entry, a hash only for entries changed
+    /// since the last checkout) puts it back to the last commit, and then only the files
+    /// that differ between the two commits are written.
+    pub fn checkout(&mut self, commit: &CommitId) -> Result<Checkout, GitError> {
+        let oid = Oid::from_str(commit.as_str()).map_err(err("parsing commit"))?;
+        let mut fetched = false;
+        if self.repo.find_commit(oid).is_err() {
+            fetch_origin(&self.repo, &["+refs/heads/*:refs/remotes/origin/*"])?;
+            fetched = true;
+        }
+        let target = self.repo.find_commit(oid).map_err(err(format!(
+            "finding commit {commit} (not on any branch of origin?)"
+        )))?;
+        let mut incremental = false;
+        if let Some((head, since)) = self.clean.take() {
+            match self.incremental(head, &target, since) {
+                Ok(()) => incremental = true,
+                Err(e) => {
+                    tracing::debug!(error = %e, "incremental checkout not possible; doing a full one");
+                }
+            }
+        }
+        if !incremental {
+            let mut opts = CheckoutBuilder::new();
+            opts.force().remove_untracked(true).remove_ignored(true);
+            self.repo
+                .checkout_tree(target.as_object(), Some(&mut opts))
+                .map_err(err(format!("checking out {commit}")))?;
+        }
+        self.repo
+            .set_head_detached(oid)
+            .map_err(err(format!("moving HEAD to {commit}")))?;
+        self.clean = Some((oid, SystemTime::now() - CTIME_SLACK));
+        Ok(Checkout {
+            fetched,
+            incremental,
+        })
+    }
+
+    fn incremental(
+        &self,
+        head: Oid,
+        target: &git2::Commit,
+        since: SystemTime,
+    ) -> Result<(), GitError> {
+        let fail = |m: &str| GitError {
+            what: "incremental checkout".into(),
+            message: m.to_owned(),
+        };
+        if self.repo.head().ok().and_then(|h| h.target()) != Some(head) {
+            return Err(fail("HEAD moved since the last checkout"));
+        }
+        let config = self.repo.config().map_err(err("reading config"))?;
+        if config.get_bool("core.autocrlf").unwrap_or(false) {
+            return Err(fail("core.autocrlf is set"));
+        }
+        let head_tree = self
+            .repo
+            .find_commit(head)
+            .and_then(|c| c.tree())
+            .map_err(err("reading the last tree"))?;
+        let new_tree = target.tree().map_err(err("reading the target tree"))?;
+        for t in [&head_tree, &new_tree] {
+            if t.get_name(".gitattributes").is_some() {
+                return Err(fail(".gitattributes may ask for filters"));
+            }
+        }
+        self.restore_dir(Path::new(""), &head_tree, since)?;
+        self.apply(Path::new(""), &head_tree, &new_tree)?;
+        Ok(())
+    }
+
+    /// Turns directory `rel`, which holds `old`, into `new`: only subtrees whose ids differ
+    /// are visited, and within a directory removals come before writes (a name can change
+    /// from file to directory or back).
+    fn apply(&self, rel: &Path, old: &Tree<'_>, new: &Tree<'_>) -> Result<(), GitError> {
+        let is_tree = |mode: i32| mode_of(mode) == FileMode::Tree;
+        for o in old.iter() {
+            let Some(name) = o.name() else { continue };
+            let keep = new
+                .get_name(name)
+                .is_some_and(|n| is_tree(n.filemode()) == is_tree(o.filemode()));
+            if !keep {
+                remove_any(&self.path.join(rel).join(name)).map_err(io_err("removing a file"))?;
+            }
+        }
+        for n in new.iter() {
+            let Some(name) = n.name() else { continue };
+            let child = rel.join(name);
+            let before = old.get_name(name);
+            if before
+                .as_ref()
+                .is_some_and(|o| o.id() == n.id() && o.filemode() == n.filemode())
+            {
+                continue;
+            }
+            let before_tree = before.filter(|o| is_tree(o.filemode())).map(|o| o.id());
+            match (mode_of(n.filemode()), before_tree) {
+                (FileMode::Tree, Some(o)) => {
+                    self.apply(&child, &self.tree(o)?, &self.tree(n.id())?)?;
+                }
+                (FileMode::Tree, None) => self.write_tree(&child, &self.tree(n.id())?)?,
+                (mode, _) => self.write_entry(&child, n.id(), mode)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn tree(&self, id: Oid) -> Result<Tree<'_>, GitError> {
+        self.repo.find_tree(id).map_err(err("reading a tree"))
+    }
+
+    /// The tree at directory `rel` of `root`.
+    fn subtree<'r>(&'r self, root: &Tree<'r>, rel: &Path) -> Result<Tree<'r>, GitError> {
+        if rel.as_os_str().is_empty() {
+            return Ok(root.clone());
+        }
+        let entry = root
+            .get_path(rel)
+            .map_err(err("finding a directory's tree"))?;
+        self.tree(entry.id())
+    }
+
+    /// Puts directory `rel` back to `head` (the root tree): untracked entries removed,
+    /// tracked entries changed since `since` restored, missing ones written. A directory
+    /// whose entry list did not change since then (its ctime says so) is only checked for
+    /// files changed in place, without looking at its tree.
+    fn restore_dir(&self, rel: &Path, head: &Tree<'_>, since: SystemTime) -> Result<(), GitError> {
+        let dir = self.path.join(rel);
+        let dir_md = fs::symlink_metadata(&dir).map_err(io_err("reading the work tree"))?;
+        let listing_changed = ctime(&dir_md) >= since;
+        let mut loaded: Option<Tree<'_>> = None;
+        let mut present: HashSet<OsString> = HashSet::new();
+        for entry in fs::read_dir(&dir).map_err(io_err("listing the work tree"))? {
+            let entry = entry.map_err(io_err("listing the work tree"))?;
+            let name = entry.file_name();
+            if rel.as_os_str().is_empty() && name == ".git" {
+                continue;
+            }
+            let md = entry.metadata().map_err(io_err("reading the work tree"))?;
+            if !listing_changed && ctime(&md) < since {
+                // The common case, so no path is built for it.
+                if md.is_dir() {
+                    self.restore_dir(&rel.join(&name), head, since)?;
+                }
+                continue;
+            }
+            let child = rel.join(&name);
+            if loaded.is_none() {
+                loaded = Some(self.subtree(head, rel)?);
+            }
+            let Some(tree) = loaded.as_ref() else {
+                continue;
+            };
+            let full = self.path.join(&child);
+            let Some(te) = name.to_str().and_then(|n| tree.get_name(n)) else {
+                // Not in the commit: the previous job made it.
+                remove_any(&full).map_err(io_err("removing an untracked file"))?;
+                continue;
+            };
+            present.insert(name);
+            let mode = mode_of(te.filemode());
+            match mode {
+                FileMode::Tree => {
+                    if md.is_dir() {
+                        self.restore_dir(&child, head, since)?;
+                    } else {
+                        let sub = self.tree(te.id())?;
+                        remove_any(&full).map_err(io_err("removing a file"))?;
+                        self.write_tree(&child, &sub)?;
+                    }
+                }
+                FileMode::Blob | FileMode::BlobExecutable | FileMode::Link => {
+                    let changed = ctime(&md) >= since
+                        || md.is_dir()
+                        || md.file_type().is_symlink() != (mode == FileMode::Link);
+                    if changed && !self.same_content(&full, &md, te.id(), mode) {
+                        self.write_entry(&child, te.id(), mode)?;
+                    }
+                }
+                _ => {
+                    return Err(GitError {
+                        what: "incremental checkout".into(),
+                        message: format!("{} is a submodule", child.display()),
+                    })
+                }
+            }
+        }
+        if !listing_changed {
+            return Ok(());
+        }
+        if loaded.is_none() {
+            loaded = Some(self.subtree(head, rel)?);
+        }
+        let Some(tree) = loaded.as_ref() else {
+            return Ok(());
+        };
+        for te in tree.iter() {
+            let Some(name) = te.name() else { continue };
+            if present.contains(std::ffi::OsStr::new(name)) {
+                continue;
+            }
+            let child = rel.join(name);
+            match mode_of(te.filemode()) {
+                FileMode::Tree => {
+                    let sub = self
+                        .repo
+                        .find_tree(te.id())
+                        .map_err(err("reading a tree"))?;
+                    self.write_tree(&child, &sub)?;
+                }
+                mode => self.write_entry(&child, te.id(), mode)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the file at `full` already holds blob `id` with the right type and mode.
+    fn same_content(&self, full: &Path, md: &fs::Metadata, id: Oid, mode: FileMode) -> bool {
+        match mode {
+            FileMode::Link => {
+                md.file_type().is_symlink()
+                    && fs::read_link(full).ok().is_some_and(|t| {
+                        self.repo
+                            .find_blob(id)
+                            .is_ok_and(|b| b.content() == t.as_os_str().as_encoded_bytes())
+                    })
+            }
+            _ => {
+                md.is_file()
+                    && (md.mode() & 0o111 != 0) == (mode == FileMode::BlobExecutable)
+                    && Oid::hash_file(ObjectType::Blob, full).is_ok_and(|h| h == id)
+            }
+        }
+    }
+
+    fn write_tree(&self, rel: &Path, tree: &Tree<'_>) -> Result<(), GitError> {
+        fs::create_dir_all(self.path.join(rel)).map_err(io_err("creating a directory"))?;
+        for te in tree.iter() {
+            let Some(name) = te.name() else { continue };
+            let child = rel.join(name);
+            match mode_of(te.filemode()) {
+                FileMode::Tree => {
+                    let sub = self
+                        .repo
+                        .find_tree(te.id())
+                        .map_err(err("reading a tree"))?;
+                    self.write_tree(&child, &sub)?;
+                }
+                mode => self.write_entry(&child, te.id(), mode)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes blob `id` at `rel` as a file (with its mode) or a symlink.
+    fn write_entry(&self, rel: &Path, id: Oid, mode: FileMode) -> Result<(), GitError> {
+        let full = self.path.join(rel);
+        if let Some(parent) = full.parent() {
+            fs::create_dir_all(parent).map_err(io_err("creating a directory"))?;
+        }
+        if let Ok(md) = fs::symlink_metadata(&full) {
+            if md.is_dir() || md.file_type().is_symlink() || mode == FileMode::Link {
+                remove_any(&full).map_err(io_err("replacing an entry"))?;
+            }
+        }
+        let blob = self.repo.find_blob(id).map_err(err("reading a blob"))?;
+        match mode {
+            FileMode::Blob | FileMode::BlobExecutable => {
+                fs::write(&full, blob.content()).map_err(io_err("writing a file"))?;
+                let bits = if mode == FileMode::BlobExecutable {
+                    0o755
+                } else {
+                    0o644
+                };
+                fs::set_permissions(&full, fs::Permissions::from_mode(bits))
+                    .map_err(io_err("setting a file mode"))?;
+            }
+            FileMode::Link => {
+                let target = std::ffi::OsStr::from_bytes(blob.content());
+                std::os::unix::fs::symlink(target, &full).map_err(io_err("writing a symlink"))?;
+            }
+            _ => {
+                return Err(GitError {
+                    what: "incremental checkout".into(),
+                    message: format!("{} is not a file", rel.display()),
+                })
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The mode of a tree entry (git2 gives the raw number).
+fn mode_of(raw: i32) -> FileMode {
+    match raw {
+        0o040000 => FileMode::Tree,
+        0o100644 => FileMode::Blob,
+        0o100755 => FileMode::BlobExecutable,
+        0o120000 => FileMode::Link,
+        0o160000 => FileMode::Commit,
+        _ => FileMode::Unreadable,
+    }
+}
+
+fn ctime(md: &fs::Metadata) -> SystemTime {
+    UNIX_EPOCH
+        + Duration::new(
+            md.ctime().max(0) as u64,
+            md.ctime_nsec().clamp(0, 999_999_999) as u32,
+        )
+}
+
+fn remove_any(path: &Path) -> std::io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(md) if md.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        // Gone, or a parent is now a file: either way there is nothing to remove.
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                || e.raw_os_error() == Some(libc::ENOTDIR) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> GitError {
+    move |e| GitError {
+        what: what.into(),
+        message: e.to_string(),
+    }
+}
+
+/// Checks `commit` out in the clone at `path` with a fresh [`Workspace`] (so a full
+/// checkout). Runners keep a `Workspace` instead.
+pub fn checkout(path: &Path, commit: &CommitId) -> Result<Checkout, GitError> {
+    Workspace::open(path)?.checkout(commit)
 }
 
 #[cfg(test)]
@@ -235,6 +600,89 @@ mod tests {
         let c4 = commit(&master, "d.txt", "4");
         assert!(checkout(&runner, &c4).unwrap().fetched);
         assert!(runner.join("d.txt").exists());
+    }
+
+    /// Every entry under `dir` (but `.git`): path → (kind, content or link target, exec).
+    fn snapshot(dir: &Path) -> std::collections::BTreeMap<String, (char, Vec<u8>, bool)> {
+        let mut out = std::collections::BTreeMap::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                if rel == ".git" {
+                    continue;
+                }
+                let md = fs::symlink_metadata(&p).unwrap();
+                if md.file_type().is_symlink() {
+                    let t = fs::read_link(&p).unwrap();
+                    out.insert(rel, ('l', t.as_os_str().as_encoded_bytes().to_vec(), false));
+                } else if md.is_dir() {
+                    out.insert(rel, ('d', Vec::new(), false));
+                    stack.push(p);
+                } else {
+                    out.insert(rel, ('f', fs::read(&p).unwrap(), md.mode() & 0o111 != 0));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn incremental_checkout_undoes_the_last_job_and_matches_a_fresh_checkout() {
+        use std::os::unix::fs::symlink;
+        let tmp = tempfile::tempdir().unwrap();
+        let m = tmp.path().join("master");
+        fs::create_dir_all(m.join("dir/sub")).unwrap();
+        git(tmp.path(), &["init", "-q", "master"]);
+        fs::write(m.join("dir/b.txt"), "b").unwrap();
+        fs::write(m.join("dir/sub/c.txt"), "c").unwrap();
+        fs::write(m.join("run.sh"), "#!/bin/sh\n").unwrap();
+        fs::set_permissions(m.join("run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+        let c1 = commit(&m, "a.txt", "a");
+        symlink("a.txt", m.join("link")).unwrap();
+        fs::write(m.join("dir/sub/c.txt"), "c2").unwrap();
+        let c2 = commit(&m, "a.txt", "a2");
+        fs::remove_file(m.join("dir/sub/c.txt")).unwrap();
+        fs::remove_file(m.join("link")).unwrap();
+        symlink("run.sh", m.join("link")).unwrap();
+        fs::set_permissions(m.join("run.sh"), fs::Permissions::from_mode(0o644)).unwrap();
+        fs::create_dir_all(m.join("new")).unwrap();
+        let c3 = commit(&m, "new/d.txt", "d");
+        fs::remove_file(m.join("dir/b.txt")).unwrap();
+        fs::create_dir_all(m.join("dir/b.txt")).unwrap();
+        let c4 = commit(&m, "dir/b.txt/inner", "typechange");
+
+        git(tmp.path(), &["clone", "-q", "master", "runner"]);
+        git(tmp.path(), &["clone", "-q", "master", "fresh"]);
+        let (runner, fresh) = (tmp.path().join("runner"), tmp.path().join("fresh"));
+        let mut ws = Workspace::open(&runner).unwrap();
+        assert!(
+            !ws.checkout(&c1).unwrap().incremental,
+            "the first checkout is a full one"
+        );
+
+        let mess = |r: &Path| {
+            fs::write(r.join("junk.pyc"), "x").unwrap();
+            fs::create_dir_all(r.join("__pycache__/deep")).unwrap();
+            fs::write(r.join("__pycache__/deep/m.pyc"), "x").unwrap();
+            fs::write(r.join("dir/junk"), "x").unwrap();
+            fs::write(r.join("a.txt"), "changed by the job").unwrap();
+            let _ = fs::remove_file(r.join("dir/sub/c.txt"));
+            let _ = fs::remove_file(r.join("run.sh"));
+            symlink("/etc/passwd", r.join("run.sh")).unwrap();
+        };
+        for target in [&c2, &c3, &c4, &c1, &c3] {
+            mess(&runner);
+            let co = ws.checkout(target).unwrap();
+            assert!(
+                co.incremental,
+                "checkout of {target} fell back to a full one"
+            );
+            git(&fresh, &["checkout", "-q", "--detach", target.as_str()]);
+            git(&fresh, &["clean", "-qfdx"]);
+            assert_eq!(snapshot(&runner), snapshot(&fresh), "work tree of {target}");
+        }
     }
 
     #[test]

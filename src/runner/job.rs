@@ -7,10 +7,9 @@
 //! children and daemons do not outlive it (a process that leaves the group with `setsid`
 //! escapes; that is documented in the README).
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tinyci_proto::{CommitId, RunReport, RunStatus, StepReport, StepStatus};
@@ -18,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
-use crate::git;
+use crate::git::Workspace;
 use crate::spec::{self, Step};
 
 /// How long a step gets between SIGTERM and SIGKILL of its group.
@@ -91,7 +90,7 @@ impl Output {
 /// Runs the job for `commit` in the clone at `repo`. Sends output and then exactly one
 /// `Finished` on `events`. Cancelling `cancel` kills the running step's group.
 pub async fn execute(
-    repo: PathBuf,
+    workspace: Arc<Mutex<Workspace>>,
     commit: CommitId,
     output_cap: u64,
     events: UnboundedSender<JobEvent>,
@@ -103,7 +102,7 @@ pub async fn execute(
         total: AtomicU64::new(0),
         truncated: AtomicBool::new(false),
     });
-    let report = run_job(&repo, &commit, &out, &cancel).await;
+    let report = run_job(workspace, &commit, &out, &cancel).await;
     let _ = events.send(JobEvent::Finished(report));
 }
 
@@ -117,29 +116,40 @@ fn error_report(out: &Output, steps: Vec<StepReport>, message: String) -> RunRep
 }
 
 async fn run_job(
-    repo: &std::path::Path,
+    workspace: Arc<Mutex<Workspace>>,
     commit: &CommitId,
     out: &Arc<Output>,
     cancel: &CancellationToken,
 ) -> RunReport {
     let started = Instant::now();
-    let (r, c) = (repo.to_path_buf(), commit.clone());
+    let c = commit.clone();
     let prepared = tokio::task::spawn_blocking(move || {
-        let co = git::checkout(&r, &c).map_err(|e| format!("checkout failed: {e}"))?;
-        let spec = spec::load(&r).map_err(|e| e.to_string())?;
-        Ok::<_, String>((co, spec))
+        let mut ws = workspace
+            .lock()
+            .map_err(|_| "the workspace lock is poisoned".to_string())?;
+        let co = ws
+            .checkout(&c)
+            .map_err(|e| format!("checkout failed: {e}"))?;
+        let spec = spec::load(ws.path()).map_err(|e| e.to_string())?;
+        Ok::<_, String>((co, spec, ws.path().to_path_buf()))
     })
     .await;
-    let (co, spec) = match prepared {
-        Ok(Ok(pair)) => pair,
+    let (co, spec, repo) = match prepared {
+        Ok(Ok(prepared)) => prepared,
         Ok(Err(message)) => return error_report(out, Vec::new(), message),
         Err(e) => return error_report(out, Vec::new(), format!("checkout task failed: {e}")),
     };
+    let repo = repo.as_path();
     out.note(&format!(
-        "checked out {} in {} ms{}",
+        "checked out {} in {} ms ({}{})",
         commit.short(),
         started.elapsed().as_millis(),
-        if co.fetched { " (fetched)" } else { "" }
+        if co.incremental {
+            "incremental"
+        } else {
+            "full"
+        },
+        if co.fetched { ", fetched" } else { "" }
     ));
 
     let mut steps = Vec::with_capacity(spec.steps.len());

@@ -75,13 +75,19 @@ struct ActiveJob {
 }
 
 impl ActiveJob {
-    fn start(config: &Config, id: JobId, commit: CommitId, parent: &Shutdown) -> ActiveJob {
+    fn start(
+        config: &Config,
+        workspace: &Arc<Mutex<crate::git::Workspace>>,
+        id: JobId,
+        commit: CommitId,
+        parent: &Shutdown,
+    ) -> ActiveJob {
         let (tx, events) = unbounded_channel();
         let cancel = parent.child_token();
         let span = tracing::info_span!("job", commit = %commit.short());
         let task = tokio::spawn(
             job::execute(
-                config.repo.clone(),
+                workspace.clone(),
                 commit.clone(),
                 config.output_cap,
                 tx,
@@ -148,11 +154,12 @@ pub async fn run(
         )
     })?;
     let repo = config.repo.clone();
-    let leftovers = tokio::task::spawn_blocking(move || {
-        crate::git::check_repo(&repo).map(|()| job::kill_leftovers(&repo))
+    let (workspace, leftovers) = tokio::task::spawn_blocking(move || {
+        crate::git::Workspace::open(&repo).map(|ws| (ws, job::kill_leftovers(&repo)))
     })
     .await
     .map_err(|e| std::io::Error::other(e.to_string()))??;
+    let workspace = Arc::new(Mutex::new(workspace));
     if leftovers > 0 {
         warn!(
             killed = leftovers,
@@ -182,7 +189,10 @@ pub async fn run(
             Ok(mut conn) => {
                 backoff.reset();
                 set_status(&status, |s| s.connected = true);
-                let res = session(&mut conn, &addr, &config, &mut job, &status, &shutdown).await;
+                let res = session(
+                    &mut conn, &addr, &workspace, &config, &mut job, &status, &shutdown,
+                )
+                .await;
                 set_status(&status, |s| s.connected = false);
                 match res {
                     Ok(()) => break,
@@ -242,6 +252,7 @@ async fn job_event(job: &mut Option<ActiveJob>) -> JobEvent {
 async fn session(
     conn: &mut Connection<TcpStream>,
     addr: &str,
+    workspace: &Arc<Mutex<crate::git::Workspace>>,
     config: &Config,
     job: &mut Option<ActiveJob>,
     status: &Mutex<Status>,
@@ -312,7 +323,7 @@ async fn session(
                     }
                     info!(commit = %commit, job = %id, "running");
                     set_status(status, |s| s.commit = Some(commit.clone()));
-                    *job = Some(ActiveJob::start(config, id, commit, shutdown));
+                    *job = Some(ActiveJob::start(config, workspace, id, commit, shutdown));
                 }
                 Some(FromDispatcher::ResultAck { job: id, accepted }) => {
                     if job.as_ref().is_some_and(|j| j.id == id) {
