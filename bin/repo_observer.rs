@@ -32,7 +32,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tinyci::logging::init();
+    let _log = tinyci::logging::init();
     if args.poll_interval.is_zero() {
         anyhow::bail!("--poll-interval must be positive");
     }

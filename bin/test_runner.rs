@@ -35,7 +35,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tinyci::logging::init();
+    let _log = tinyci::logging::init();
     let token = net::load_token(args.token_file.as_deref())?;
     let ports = match args.port {
         Some(p) => p..=p,

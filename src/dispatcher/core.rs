@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Seek, Write};
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime};
@@ -93,28 +93,80 @@ fn storage(what: impl Into<String>) -> impl FnOnce(io::Error) -> StorageError {
     move |source| StorageError { what, source }
 }
 
-/// The open log of the outstanding attempt of one commit.
+/// The log of the outstanding attempt of one commit. The file is opened (and the
+/// attempt's header line written) only when the attempt first produces output or ends, so
+/// handing out work never waits on creating a file.
 struct LogSink {
+    path: std::path::PathBuf,
     commit: CommitId,
-    file: File,
+    /// `[tinyci] attempt N on runner ADDR (job UUID)`: also how a restarted dispatcher
+    /// finds where this attempt's output starts.
+    header: String,
+    file: Option<File>,
     /// Bytes of the attempt's output written so far.
     written: u64,
     truncated: bool,
 }
 
+/// The text that ends an attempt's header line.
+fn header_tail(job: &JobId) -> String {
+    format!("(job {job})\n")
+}
+
 impl LogSink {
-    fn open(dir: &std::path::Path, commit: &CommitId) -> io::Result<(LogSink, u64)> {
-        let mut file = results::open_log(dir, commit)?;
-        let len = file.seek(io::SeekFrom::End(0))?;
-        Ok((
-            LogSink {
-                commit: commit.clone(),
-                file,
-                written: 0,
-                truncated: false,
-            },
-            len,
-        ))
+    fn new(
+        dir: &std::path::Path,
+        commit: &CommitId,
+        job: &JobId,
+        attempt: u32,
+        addr: &str,
+    ) -> LogSink {
+        LogSink {
+            path: results::log_path(dir, commit),
+            commit: commit.clone(),
+            header: format!(
+                "[tinyci] attempt {attempt} on runner {addr} {}",
+                header_tail(job)
+            ),
+            file: None,
+            written: 0,
+            truncated: false,
+        }
+    }
+
+    /// After a restart: picks up attempt `job` where the log on disk ends.
+    fn resume(
+        dir: &std::path::Path,
+        commit: &CommitId,
+        job: &JobId,
+        attempt: u32,
+        addr: &str,
+    ) -> io::Result<LogSink> {
+        let mut sink = LogSink::new(dir, commit, job, attempt, addr);
+        let text = match std::fs::read(&sink.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(sink),
+            Err(e) => return Err(e),
+        };
+        let tail = header_tail(job);
+        if let Some(at) = text.windows(tail.len()).rposition(|w| w == tail.as_bytes()) {
+            sink.written = (text.len() - at - tail.len()) as u64;
+            sink.file = Some(results::open_log(dir, commit)?);
+        }
+        Ok(sink)
+    }
+
+    /// The open file, created with the header on first use.
+    fn file(&mut self) -> io::Result<&mut File> {
+        if self.file.is_none() {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
+            f.write_all(self.header.as_bytes())?;
+            self.file = Some(f);
+        }
+        Ok(self.file.as_mut().expect("just opened"))
     }
 
     /// Appends the part of `data` (starting at `offset` of the attempt's output) that is new.
@@ -125,7 +177,7 @@ impl LogSink {
         }
         if offset > self.written {
             let gap = offset - self.written;
-            self.file.write_all(
+            self.file()?.write_all(
                 format!("\n[tinyci] {gap} bytes of output were lost here\n").as_bytes(),
             )?;
             self.written = offset;
@@ -137,19 +189,25 @@ impl LogSink {
         }
         let room = MAX_LOG_BYTES.saturating_sub(self.written) as usize;
         if new.len() > room {
-            self.file.write_all(&new[..room])?;
-            self.file
+            self.file()?.write_all(&new[..room])?;
+            self.file()?
                 .write_all(b"\n[tinyci] output truncated by the dispatcher\n")?;
             self.truncated = true;
         } else {
-            self.file.write_all(new)?;
+            self.file()?.write_all(new)?;
         }
         self.written = end;
         Ok(())
     }
 
     fn note(&mut self, line: &str) -> io::Result<()> {
-        self.file.write_all(format!("[tinyci] {line}\n").as_bytes())
+        self.file()?
+            .write_all(format!("[tinyci] {line}\n").as_bytes())
+    }
+
+    /// Makes sure the attempt left its header in the log, even without output.
+    fn finish(mut self) -> io::Result<()> {
+        self.file().map(|_| ())
     }
 }
 
@@ -162,6 +220,14 @@ struct Batch {
     results: Vec<ResultFile>,
     /// Result acknowledgements to runners: (runner, job, accepted).
     result_acks: Vec<(RunnerId, JobId, bool)>,
+    /// Logs of attempts that ended.
+    logs: Vec<LogSink>,
+}
+
+/// Files to write once a batch is durable.
+struct Files {
+    results: Vec<ResultFile>,
+    logs: Vec<LogSink>,
 }
 
 /// The core's state.
@@ -212,10 +278,9 @@ impl Core {
                 continue;
             }
             match p.running {
-                Some((job, addr, log_base)) => {
-                    let (mut sink, len) =
-                        LogSink::open(&core.dir, &p.commit).map_err(storage("opening a log"))?;
-                    sink.written = len.saturating_sub(log_base);
+                Some((job, addr)) => {
+                    let sink = LogSink::resume(&core.dir, &p.commit, &job, p.attempts, &addr)
+                        .map_err(storage("reading a log"))?;
                     core.logs.insert(job, sink);
                     core.sched
                         .restore_running(p.commit, p.queued_at, job, p.attempts, Some(addr));
@@ -271,8 +336,13 @@ impl Core {
                 }
                 self.handle(ev, &mut batch)?;
             }
-            self.commit(batch)?;
+            // The journal sync makes the batch durable (results included); then the
+            // acknowledgements, then new work (after the acks, so a runner hears its result
+            // was taken before it is handed the next job); the result files and log files,
+            // the slow part on some disks, come last, while the runners already work.
+            let files = self.commit(batch)?;
             self.dispatch()?;
+            self.write_files(files)?;
             if stop {
                 self.journal
                     .sync()
@@ -282,16 +352,14 @@ impl Core {
         }
     }
 
-    /// Makes a batch durable — result files written, then their journal lines, then one
-    /// journal sync — and only then lets its acknowledgements out.
-    fn commit(&mut self, batch: Batch) -> Result<(), StorageError> {
-        results::write_results(&self.dir, &batch.results, false)
-            .map_err(storage("writing result files"))?;
-        for r in batch.results {
+    /// Makes a batch durable — its journal lines, results included, and one journal sync —
+    /// and only then lets its acknowledgements out. Returns the files still to write.
+    fn commit(&mut self, batch: Batch) -> Result<Files, StorageError> {
+        for r in &batch.results {
             self.journal
                 .append(&Record::Finished {
                     commit: r.commit.clone(),
-                    result: Some(Box::new(r)),
+                    result: Some(Box::new(r.clone())),
                 })
                 .map_err(storage("journaling a result"))?;
         }
@@ -306,7 +374,22 @@ impl Core {
                 let _ = tx.send(FromDispatcher::ResultAck { job, accepted });
             }
         }
-        Ok(())
+        Ok(Files {
+            results: batch.results,
+            logs: batch.logs,
+        })
+    }
+
+    /// Writes the result files of a committed batch and the logs of its finished attempts.
+    /// The journal already holds the results, so a crash here loses nothing.
+    fn write_files(&mut self, files: Files) -> Result<(), StorageError> {
+        for sink in files.logs {
+            let commit = sink.commit.clone();
+            sink.finish()
+                .map_err(storage(format!("writing the log of {commit}")))?;
+        }
+        results::write_results(&self.dir, &files.results, false)
+            .map_err(storage("writing result files"))
     }
 
     fn handle(&mut self, ev: Event, batch: &mut Batch) -> Result<(), StorageError> {
@@ -405,6 +488,7 @@ impl Core {
                                     log_len - sink.written
                                 ));
                             }
+                            batch.logs.push(sink);
                         }
                         info!(commit = %result.commit, status = ?result.status, runner = %runner, attempts = result.attempts, job = %job, "result written");
                         batch.results.push(result);
@@ -462,24 +546,13 @@ impl Core {
 
     fn dispatch(&mut self) -> Result<(), StorageError> {
         for a in self.sched.assign(SystemTime::now()) {
-            let (mut sink, _) = LogSink::open(&self.dir, &a.commit)
-                .map_err(storage(format!("opening the log of {}", a.commit)))?;
-            sink.note(&format!(
-                "attempt {} on runner {} (job {})",
-                a.attempt, a.addr, a.job
-            ))
-            .map_err(storage("writing a log header"))?;
-            let log_base = sink
-                .file
-                .stream_position()
-                .map_err(storage("reading a log position"))?;
+            let sink = LogSink::new(&self.dir, &a.commit, &a.job, a.attempt, &a.addr);
             self.journal
                 .append(&Record::Assigned {
                     commit: a.commit.clone(),
                     job: a.job,
                     attempt: a.attempt,
                     runner: a.addr.clone(),
-                    log_base,
                 })
                 .map_err(storage("journaling an assignment"))?;
             self.logs.insert(a.job, sink);

@@ -39,8 +39,6 @@ pub enum Record {
         attempt: u32,
         /// The runner's address.
         runner: String,
-        /// Length of `<sha>.log` where this attempt's output starts.
-        log_base: u64,
     },
     /// A commit's attempt was lost and the commit requeued.
     Requeued {
@@ -68,14 +66,15 @@ pub struct Pending {
     pub queued_at: SystemTime,
     /// Attempts assigned so far.
     pub attempts: u32,
-    /// The attempt outstanding when the journal ended: (job, runner address, log base).
-    pub running: Option<(JobId, String, u64)>,
+    /// The attempt outstanding when the journal ended: (job, runner address).
+    pub running: Option<(JobId, String)>,
 }
 
 /// The open journal file.
 pub struct Journal {
     path: PathBuf,
-    file: File,
+    /// Appends collect here; a batch reaches the file in one write at [`Journal::sync`].
+    file: io::BufWriter<File>,
     dirty: bool,
 }
 
@@ -150,7 +149,7 @@ impl Journal {
         Ok((
             Journal {
                 path,
-                file,
+                file: io::BufWriter::with_capacity(1 << 20, file),
                 dirty: false,
             },
             pending,
@@ -167,7 +166,8 @@ impl Journal {
     /// Makes every appended record durable.
     pub fn sync(&mut self) -> io::Result<()> {
         if self.dirty {
-            self.file.sync_data()?;
+            self.file.flush()?;
+            self.file.get_ref().sync_data()?;
             self.dirty = false;
         }
         Ok(())
@@ -191,12 +191,11 @@ fn records_of(p: &Pending) -> Vec<Record> {
         at_ms: to_ms(p.queued_at),
     }];
     match &p.running {
-        Some((job, runner, log_base)) => v.push(Record::Assigned {
+        Some((job, runner)) => v.push(Record::Assigned {
             commit: p.commit.clone(),
             job: *job,
             attempt: p.attempts,
             runner: runner.clone(),
-            log_base: *log_base,
         }),
         None if p.attempts > 0 => {
             // Keep the attempt count: an assignment that was lost, then the requeue.
@@ -205,7 +204,6 @@ fn records_of(p: &Pending) -> Vec<Record> {
                 job: JobId::new(),
                 attempt: p.attempts,
                 runner: String::new(),
-                log_base: 0,
             });
             v.push(Record::Requeued {
                 commit: p.commit.clone(),
@@ -260,11 +258,10 @@ fn replay(r: impl BufRead) -> io::Result<(Vec<Pending>, Vec<ResultFile>)> {
                 job,
                 attempt,
                 runner,
-                log_base,
             } => {
                 if let Some(p) = live.get_mut(&commit) {
                     p.attempts = attempt;
-                    p.running = Some((job, runner, log_base));
+                    p.running = Some((job, runner));
                 }
             }
             Record::Requeued { commit } => {
@@ -312,7 +309,6 @@ mod tests {
                 job: JobId::new(),
                 attempt: 1,
                 runner: "a".into(),
-                log_base: 0,
             })
             .unwrap();
             j.append(&Record::Finished {
@@ -325,7 +321,6 @@ mod tests {
                 job,
                 attempt: 1,
                 runner: "b".into(),
-                log_base: 7,
             })
             .unwrap();
             j.append(&Record::Assigned {
@@ -333,7 +328,6 @@ mod tests {
                 job: JobId::new(),
                 attempt: 2,
                 runner: "c".into(),
-                log_base: 0,
             })
             .unwrap();
             j.append(&Record::Requeued { commit: c(3) }).unwrap();
@@ -348,7 +342,7 @@ mod tests {
         let check = |pending: &[Pending]| {
             assert_eq!(pending.len(), 3);
             assert_eq!(pending[0].commit, c(2));
-            assert_eq!(pending[0].running, Some((job, "b".into(), 7)));
+            assert_eq!(pending[0].running, Some((job, "b".into())));
             assert_eq!(pending[1].commit, c(3));
             assert_eq!(pending[1].attempts, 2);
             assert_eq!(pending[1].running, None);
