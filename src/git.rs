@@ -143,6 +143,32 @@ pub struct Checkout {
     pub incremental: bool,
 }
 
+/// The object directory of origin, when origin is a directory on this machine.
+///
+/// Reading it in place (an alternate object store, kept in memory only: nothing is written
+/// to the clone) makes every commit of origin visible at once, with no fetch: the same idea
+/// as `git clone --shared`, for a runner whose master repository is local. A remote origin
+/// (any URL with a scheme or `host:path`) is fetched from as usual.
+fn local_origin_objects(repo: &Repository, clone: &Path) -> Option<PathBuf> {
+    let remote = repo.find_remote("origin").ok()?;
+    let url = remote.url()?;
+    let dir = if let Some(p) = url.strip_prefix("file://") {
+        PathBuf::from(p)
+    } else if url.contains("://")
+        || url
+            .split('/')
+            .next()
+            .is_some_and(|first| first.contains(':'))
+    {
+        return None;
+    } else {
+        clone.join(url)
+    };
+    [dir.join(".git").join("objects"), dir.join("objects")]
+        .into_iter()
+        .find(|d| d.join("info").is_dir() || d.join("pack").is_dir())
+}
+
 /// Files changed by the previous job are found by their ctime, which only the kernel sets;
 /// the kernel stamps it from a coarse clock, so the threshold leaves this much slack
 /// (files our own checkout wrote in that window are merely re-hashed).
@@ -152,23 +178,50 @@ const CTIME_SLACK: Duration = Duration::from_millis(100);
 pub struct Workspace {
     path: PathBuf,
     repo: Repository,
+    /// Whether origin's object store is read in place (origin is a local directory).
+    borrowed: bool,
     /// The commit last checked out and the time after which any change to the work tree
     /// was made by someone else (the job that ran there).
     clean: Option<(Oid, SystemTime)>,
 }
 
 impl Workspace {
-    /// Opens the clone at `path`; it must have an `origin` remote.
+    /// Opens the clone at `path`; it must have an `origin` remote. A local origin's
+    /// objects are read in place (see [`local_origin_objects`]).
     pub fn open(path: &Path) -> Result<Workspace, GitError> {
+        Workspace::open_with(path, true)
+    }
+
+    /// Opens the clone at `path` and always fetches what it lacks.
+    pub fn open_fetching(path: &Path) -> Result<Workspace, GitError> {
+        Workspace::open_with(path, false)
+    }
+
+    fn open_with(path: &Path, borrow: bool) -> Result<Workspace, GitError> {
         // Objects come from our own clone; re-hashing each one on every read (libgit2's
         // default) was a tenth of a checkout's time.
         git2::opts::strict_hash_verification(false);
         check_repo(path)?;
+        let repo = open(path)?;
+        let borrowed = match local_origin_objects(&repo, path).filter(|_| borrow) {
+            Some(objects) => repo
+                .odb()
+                .and_then(|odb| odb.add_disk_alternate(&objects.to_string_lossy()))
+                .map_err(|e| tracing::warn!(error = %e, "cannot read origin's objects in place; fetching instead"))
+                .is_ok(),
+            None => false,
+        };
         Ok(Workspace {
             path: path.to_path_buf(),
-            repo: open(path)?,
+            repo,
+            borrowed,
             clean: None,
         })
+    }
+
+    /// Whether commits are read from origin's object store in place instead of fetched.
+    pub fn borrows_origin(&self) -> bool {
+        self.borrowed
     }
 
     /// The clone's work tree.
@@ -596,10 +649,19 @@ mod tests {
         assert!(!runner.join("__pycache__").exists());
         assert!(runner.join("a.txt").exists());
 
-        // A commit the runner has never seen is fetched.
+        // A commit the runner has never seen: read in place from the local origin...
         let c4 = commit(&master, "d.txt", "4");
-        assert!(checkout(&runner, &c4).unwrap().fetched);
+        let mut ws = Workspace::open(&runner).unwrap();
+        assert!(ws.borrows_origin());
+        assert!(!ws.checkout(&c4).unwrap().fetched);
         assert!(runner.join("d.txt").exists());
+        // ...or fetched, by a workspace that does not borrow.
+        git(tmp.path(), &["clone", "-q", "master", "fetcher"]);
+        let c5 = commit(&master, "e.txt", "5");
+        let mut ws = Workspace::open_fetching(&tmp.path().join("fetcher")).unwrap();
+        assert!(!ws.borrows_origin());
+        assert!(ws.checkout(&c5).unwrap().fetched);
+        assert!(tmp.path().join("fetcher/e.txt").exists());
     }
 
     /// Every entry under `dir` (but `.git`): path → (kind, content or link target, exec).

@@ -159,6 +159,9 @@ pub async fn run(
     })
     .await
     .map_err(|e| std::io::Error::other(e.to_string()))??;
+    if workspace.borrows_origin() {
+        info!("origin is local: its commits are read in place, without fetching");
+    }
     let workspace = Arc::new(Mutex::new(workspace));
     if leftovers > 0 {
         warn!(
