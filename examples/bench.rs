@@ -337,7 +337,7 @@ const HOW: [&str; 14] = [
     "`overhead_large_p50_ms`: the same on a generated repo of 5,000 files in nested dirs (step `true`), each commit changing 10 files.",
     "`kill_recovery_p50_ms`: bench clock just before `kill -9` of the runner whose step (`sleep 30`) is running → timestamp of the dispatcher's second `assigned commit=<sha>` line (the other runner).",
     "`stop_recovery_p50_ms`: the same with SIGSTOP, dispatcher `--heartbeat-interval 200ms --heartbeat-timeout 600ms`.",
-    "`dispatch_jobs_per_s`: simulated commits ÷ (first `Submit` sent → last `ResultAck` received, i.e. every `<sha>.json` written); simulated runners answer each `Assign` with `Done` at once.",
+    "`dispatch_jobs_per_s`: simulated commits ÷ (first `Submit` sent → last `ResultAck` received: every result durable in the dispatcher's journal; the `<sha>.json` files follow from its writer thread, and the rate until the last of them exists is printed beside it); simulated runners answer each `Assign` with `Done` at once.",
     "`assign_p99_ms`: per `Assign`, from the moment the job became assignable — its `Submit` batch acknowledged and the receiving runner free (it had sent `Done` for its previous job) — to the runner receiving it; p99 over all jobs.",
     "`dispatcher_peak_rss_kb`: `VmHWM` of the capacity run's dispatcher (fresh process) after the run.",
     "`idle_rss_kb_*`: `VmRSS` of the real dispatcher, runner and observer after the first job and 1 s idle.",
@@ -1205,10 +1205,24 @@ fn capacity_run(bins: &Bins, counts: Counts, dir: &Path) -> Result<Capacity> {
     if ready_lat.len() != n {
         bail!("{} assignments for {n} commits", ready_lat.len());
     }
-    let files = std::fs::read_dir(dir.join("test_results"))?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
-        .count();
+    let count_files = || -> Result<usize> {
+        Ok(std::fs::read_dir(dir.join("test_results"))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .count())
+    };
+    let files = count_files()?;
+    // A ResultAck means the result is durable (in the dispatcher's journal); its
+    // <sha>.json is written right after by the dispatcher's result-writer thread. Wait
+    // for every file too, and report that rate beside the key.
+    let files_deadline = Instant::now() + Duration::from_secs(300);
+    while count_files()? < n {
+        if Instant::now() > files_deadline {
+            bail!("only {} of {n} result files after 300 s", count_files()?);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let files_total = first_sent.elapsed().as_secs_f64();
     let ack_ms: Vec<f64> = batches
         .iter()
         .map(|(s, a)| (*a - *s).as_secs_f64() * 1000.0)
@@ -1233,6 +1247,10 @@ fn capacity_run(bins: &Bins, counts: Counts, dir: &Path) -> Result<Capacity> {
             pct(&queue_lat, 99.0)
         ),
         format!("Submit→Submitted ms per batch: {}", summary(&ack_ms)),
+        format!(
+            "every <sha>.json on disk at {files_total:.2} s: {:.0} jobs/s counting until the last result file exists (the key counts until the last ResultAck, when each result is durable in the journal)",
+            n as f64 / files_total
+        ),
         format!("jobs per simulated runner: {}", summary(&per_runner)),
         format!("dispatcher CPU by thread during the run: {threads}"),
     ];

@@ -204,11 +204,6 @@ impl LogSink {
         self.file()?
             .write_all(format!("[tinyci] {line}\n").as_bytes())
     }
-
-    /// Makes sure the attempt left its header in the log, even without output.
-    fn finish(mut self) -> io::Result<()> {
-        self.file().map(|_| ())
-    }
 }
 
 /// What one batch of events produced that must wait for the batch to be durable.
@@ -220,14 +215,55 @@ struct Batch {
     results: Vec<ResultFile>,
     /// Result acknowledgements to runners: (runner, job, accepted).
     result_acks: Vec<(RunnerId, JobId, bool)>,
-    /// Logs of attempts that ended.
-    logs: Vec<LogSink>,
 }
 
-/// Files to write once a batch is durable.
-struct Files {
-    results: Vec<ResultFile>,
-    logs: Vec<LogSink>,
+/// Writes result files on a thread of its own, so the core never waits on creating a
+/// file. It is handed results only after the journal holds them durably: if the process
+/// dies before a file is written, the next start rewrites it from the journal.
+struct ResultWriter {
+    tx: Option<std::sync::mpsc::Sender<Vec<ResultFile>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ResultWriter {
+    fn start(dir: PathBuf) -> io::Result<ResultWriter> {
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<ResultFile>>();
+        let thread = std::thread::Builder::new()
+            .name("result-writer".into())
+            .spawn(move || {
+                while let Ok(mut batch) = rx.recv() {
+                    for more in rx.try_iter() {
+                        batch.extend(more);
+                    }
+                    if let Err(e) = results::write_results(&dir, &batch, false) {
+                        tracing::error!(error = %e, results = batch.len(), "cannot write result files (they are in the journal; a restart writes them)");
+                    }
+                }
+            })?;
+        Ok(ResultWriter {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    fn write(&self, results: Vec<ResultFile>) {
+        if results.is_empty() {
+            return;
+        }
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(results);
+        }
+    }
+}
+
+impl Drop for ResultWriter {
+    /// Writes everything handed over before the dispatcher stops.
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// The core's state.
@@ -240,6 +276,7 @@ pub struct Core {
     next_runner: u64,
     /// When restored attempts that no runner has adopted go back to the queue.
     orphan_deadline: Option<Instant>,
+    writer: ResultWriter,
 }
 
 impl Core {
@@ -253,6 +290,8 @@ impl Core {
         pending: Vec<Pending>,
         adoption_grace: Duration,
     ) -> Result<Core, StorageError> {
+        let writer =
+            ResultWriter::start(dir.clone()).map_err(storage("starting the result writer"))?;
         let mut core = Core {
             sched: Scheduler::new(max_attempts),
             journal,
@@ -261,6 +300,7 @@ impl Core {
             logs: HashMap::new(),
             next_runner: 1,
             orphan_deadline: None,
+            writer,
         };
         for c in finished {
             core.sched.mark_finished(c);
@@ -340,9 +380,9 @@ impl Core {
             // acknowledgements, then new work (after the acks, so a runner hears its result
             // was taken before it is handed the next job); the result files and log files,
             // the slow part on some disks, come last, while the runners already work.
-            let files = self.commit(batch)?;
+            let results = self.commit(batch)?;
             self.dispatch()?;
-            self.write_files(files)?;
+            self.writer.write(results);
             if stop {
                 self.journal
                     .sync()
@@ -353,8 +393,8 @@ impl Core {
     }
 
     /// Makes a batch durable — its journal lines, results included, and one journal sync —
-    /// and only then lets its acknowledgements out. Returns the files still to write.
-    fn commit(&mut self, batch: Batch) -> Result<Files, StorageError> {
+    /// and only then lets its acknowledgements out. Returns the result files to write.
+    fn commit(&mut self, batch: Batch) -> Result<Vec<ResultFile>, StorageError> {
         for r in &batch.results {
             self.journal
                 .append(&Record::Finished {
@@ -374,22 +414,7 @@ impl Core {
                 let _ = tx.send(FromDispatcher::ResultAck { job, accepted });
             }
         }
-        Ok(Files {
-            results: batch.results,
-            logs: batch.logs,
-        })
-    }
-
-    /// Writes the result files of a committed batch and the logs of its finished attempts.
-    /// The journal already holds the results, so a crash here loses nothing.
-    fn write_files(&mut self, files: Files) -> Result<(), StorageError> {
-        for sink in files.logs {
-            let commit = sink.commit.clone();
-            sink.finish()
-                .map_err(storage(format!("writing the log of {commit}")))?;
-        }
-        results::write_results(&self.dir, &files.results, false)
-            .map_err(storage("writing result files"))
+        Ok(batch.results)
     }
 
     fn handle(&mut self, ev: Event, batch: &mut Batch) -> Result<(), StorageError> {
@@ -488,7 +513,6 @@ impl Core {
                                     log_len - sink.written
                                 ));
                             }
-                            batch.logs.push(sink);
                         }
                         info!(commit = %result.commit, status = ?result.status, runner = %runner, attempts = result.attempts, job = %job, "result written");
                         batch.results.push(result);
