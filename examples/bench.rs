@@ -1175,7 +1175,6 @@ fn capacity_run(bins: &Bins, counts: Counts, dir: &Path) -> Result<Capacity> {
         Ok::<_, anyhow::Error>((first_sent, all_acked, batches, logs, hwm, threads))
     })?;
     let (first_sent, all_acked, batches, logs, hwm, threads) = out;
-    drop(dispatcher);
 
     let last_ack = logs
         .iter()
@@ -1218,11 +1217,22 @@ fn capacity_run(bins: &Bins, counts: Counts, dir: &Path) -> Result<Capacity> {
     let files_deadline = Instant::now() + Duration::from_secs(300);
     while count_files()? < n {
         if Instant::now() > files_deadline {
-            bail!("only {} of {n} result files after 300 s", count_files()?);
+            let problems: Vec<String> = dispatcher
+                .log()
+                .lines()
+                .filter(|l| l.contains("ERROR") || l.contains("WARN"))
+                .take(5)
+                .map(str::to_owned)
+                .collect();
+            bail!(
+                "only {} of {n} result files after 300 s; dispatcher said: {problems:?}",
+                count_files()?
+            );
         }
         std::thread::sleep(Duration::from_millis(5));
     }
     let files_total = first_sent.elapsed().as_secs_f64();
+    drop(dispatcher);
     let ack_ms: Vec<f64> = batches
         .iter()
         .map(|(s, a)| (*a - *s).as_secs_f64() * 1000.0)
