@@ -336,7 +336,7 @@ impl Workspace {
                 (FileMode::Tree, Some(o)) => {
                     self.apply(&child, &self.tree(o)?, &self.tree(n.id())?)?;
                 }
-                (FileMode::Tree, None) => self.write_tree(&child, &self.tree(n.id())?)?,
+                (FileMode::Tree, None) => self.write_any(&child, n.id(), FileMode::Tree)?,
                 (mode, _) => self.write_entry(&child, n.id(), mode)?,
             }
         }
@@ -402,9 +402,8 @@ impl Workspace {
                     if md.is_dir() {
                         self.restore_dir(&child, head, since)?;
                     } else {
-                        let sub = self.tree(te.id())?;
                         remove_any(&full).map_err(io_err("removing a file"))?;
-                        self.write_tree(&child, &sub)?;
+                        self.write_any(&child, te.id(), FileMode::Tree)?;
                     }
                 }
                 FileMode::Blob | FileMode::BlobExecutable | FileMode::Link => {
@@ -437,17 +436,7 @@ impl Workspace {
             if present.contains(std::ffi::OsStr::new(name)) {
                 continue;
             }
-            let child = rel.join(name);
-            match mode_of(te.filemode()) {
-                FileMode::Tree => {
-                    let sub = self
-                        .repo
-                        .find_tree(te.id())
-                        .map_err(err("reading a tree"))?;
-                    self.write_tree(&child, &sub)?;
-                }
-                mode => self.write_entry(&child, te.id(), mode)?,
-            }
+            self.write_any(&rel.join(name), te.id(), mode_of(te.filemode()))?;
         }
         Ok(())
     }
@@ -471,21 +460,15 @@ impl Workspace {
         }
     }
 
-    fn write_tree(&self, rel: &Path, tree: &Tree<'_>) -> Result<(), GitError> {
+    /// Writes tree entry `id` at `rel`: a whole directory, a file or a symlink.
+    fn write_any(&self, rel: &Path, id: Oid, mode: FileMode) -> Result<(), GitError> {
+        if mode != FileMode::Tree {
+            return self.write_entry(rel, id, mode);
+        }
         fs::create_dir_all(self.path.join(rel)).map_err(io_err("creating a directory"))?;
-        for te in tree.iter() {
+        for te in self.tree(id)?.iter() {
             let Some(name) = te.name() else { continue };
-            let child = rel.join(name);
-            match mode_of(te.filemode()) {
-                FileMode::Tree => {
-                    let sub = self
-                        .repo
-                        .find_tree(te.id())
-                        .map_err(err("reading a tree"))?;
-                    self.write_tree(&child, &sub)?;
-                }
-                mode => self.write_entry(&child, te.id(), mode)?,
-            }
+            self.write_any(&rel.join(name), te.id(), mode_of(te.filemode()))?;
         }
         Ok(())
     }

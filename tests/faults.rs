@@ -226,11 +226,7 @@ fn frozen_runner_kills_its_superseded_job_when_it_wakes() -> Result<()> {
             &hang_once_spec(&mark, "sleep 300 & sleep 301"),
         )],
     )?;
-    let line = c
-        .dispatcher()
-        .wait_for(&["assigned", &format!("commit={sha}")], WAIT)?;
-    let victim = field(&line, "addr").unwrap();
-    let i = c.runner_index(&victim).unwrap();
+    let (i, _) = c.wait_assigned(&sha)?;
     wait_until("the first attempt to start", WAIT, || mark.exists())?;
     c.runners[i].signal(libc::SIGSTOP);
     let r = c.wait_result(&sha, WAIT)?;
@@ -268,10 +264,7 @@ fn restarted_runner_sweeps_what_its_killed_predecessor_left() -> Result<()> {
             &hang_once_spec(&mark, "sleep 300 & sleep 301"),
         )],
     )?;
-    let line = c
-        .dispatcher()
-        .wait_for(&["assigned", &format!("commit={sha}")], WAIT)?;
-    let i = c.runner_index(&field(&line, "addr").unwrap()).unwrap();
+    let (i, _) = c.wait_assigned(&sha)?;
     wait_until("the first attempt to start", WAIT, || mark.exists())?;
     c.runners[i].kill();
     assert_eq!(c.wait_result(&sha, WAIT)?["attempts"], 2);

@@ -171,11 +171,7 @@ fn killed_runner_job_reruns_on_another_runner() -> Result<()> {
     )?;
     c.wait_result(&c.master.head()?, WAIT)?;
     let sha = c.commit("slow", &[(".tinyci.toml", &slow_spec("2"))])?;
-    let line = c
-        .dispatcher()
-        .wait_for(&["assigned", &format!("commit={sha}")], WAIT)?;
-    let victim = field(&line, "addr").unwrap();
-    let i = c.runner_index(&victim).unwrap();
+    let (i, victim) = c.wait_assigned(&sha)?;
     c.runners[i].kill();
     let r = c.wait_result(&sha, WAIT)?;
     assert_eq!(r["status"], "success", "{r}");
@@ -209,9 +205,7 @@ fn frozen_runner_is_dropped_and_its_late_result_refused() -> Result<()> {
     c.wait_result(&c.master.head()?, WAIT)?;
     let sha = c.commit("slow", &[(".tinyci.toml", &slow_spec("1.5"))])?;
     let d = c.dispatcher();
-    let line = d.wait_for(&["assigned", &format!("commit={sha}")], WAIT)?;
-    let victim = field(&line, "addr").unwrap();
-    let i = c.runner_index(&victim).unwrap();
+    let (i, victim) = c.wait_assigned(&sha)?;
     c.runners[i].signal(libc::SIGSTOP);
     d.wait_for(&["heartbeat timeout"], WAIT)?;
     let r = c.wait_result(&sha, WAIT)?;

@@ -570,6 +570,18 @@ impl Cluster {
         v
     }
 
+    /// Waits until the dispatcher assigns `sha`; returns the runner's index and address.
+    pub fn wait_assigned(&self, sha: &str) -> Result<(usize, String)> {
+        let line = self
+            .dispatcher()
+            .wait_for(&["assigned", &format!("commit={sha}")], WAIT)?;
+        let addr = field(&line, "addr").ok_or_else(|| anyhow!("no addr in {line:?}"))?;
+        let i = self
+            .runner_index(&addr)
+            .ok_or_else(|| anyhow!("{addr} is not one of this cluster's runners"))?;
+        Ok((i, addr))
+    }
+
     /// Index of the runner registered as `addr`.
     pub fn runner_index(&self, addr: &str) -> Option<usize> {
         self.runner_addrs.iter().position(|a| a == addr)
