@@ -382,6 +382,11 @@ impl Core {
             // the slow part on some disks, come last, while the runners already work.
             let results = self.commit(batch)?;
             self.dispatch()?;
+            // The assignments' journal lines must not wait in our buffer for the next
+            // batch: a kill -9 now would lose them, and with them the adoption of these jobs.
+            self.journal
+                .flush()
+                .map_err(storage("writing the journal"))?;
             self.writer.write(results);
             if stop {
                 self.journal
