@@ -171,7 +171,10 @@ impl LogSink {
 
     /// Appends the part of `data` (starting at `offset` of the attempt's output) that is new.
     fn append(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-        let end = offset + data.len() as u64;
+        // The offset comes from the network: one that cannot be real is dropped.
+        let Some(end) = offset.checked_add(data.len() as u64) else {
+            return Ok(());
+        };
         if end <= self.written {
             return Ok(()); // a resend of what we have
         }
@@ -606,5 +609,33 @@ impl std::fmt::Debug for Core {
             .field("runners", &self.sched.runner_count())
             .field("queued", &self.sched.queued())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_offsets_join_resends_and_survive_nonsense() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = CommitId::parse(&"c".repeat(40)).unwrap();
+        let job = JobId::new();
+        let mut sink = LogSink::new(dir.path(), &commit, &job, 1, "r:1");
+        sink.append(0, b"one\n").unwrap();
+        sink.append(0, b"one\ntwo\n").unwrap(); // a resend overlapping what we have
+        sink.append(8, b"three\n").unwrap();
+        sink.append(u64::MAX - 1, b"hostile").unwrap(); // would overflow
+        sink.append(u64::MAX, b"").unwrap();
+        drop(sink);
+        let text = std::fs::read_to_string(results::log_path(dir.path(), &commit)).unwrap();
+        assert!(
+            text.starts_with("[tinyci] attempt 1 on runner r:1 (job "),
+            "{text}"
+        );
+        assert!(text.contains(")\none\ntwo\nthree\n"), "{text}");
+        // After a restart the attempt resumes where the file ends.
+        let again = LogSink::resume(dir.path(), &commit, &job, 1, "r:1").unwrap();
+        assert!(again.written >= 14, "{}", again.written);
     }
 }
