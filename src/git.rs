@@ -553,12 +553,6 @@ fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> GitError {
     }
 }
 
-/// Checks `commit` out in the clone at `path` with a fresh [`Workspace`] (so a full
-/// checkout). Runners keep a `Workspace` instead.
-pub fn checkout(path: &Path, commit: &CommitId) -> Result<Checkout, GitError> {
-    Workspace::open(path)?.checkout(commit)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -620,13 +614,15 @@ mod tests {
         // A runner clone: check out c3, leave junk, go back to c1: no trace of c3 or junk.
         git(tmp.path(), &["clone", "-q", "master", "runner"]);
         let runner = tmp.path().join("runner");
-        checkout(&runner, &c3).unwrap();
+        // Fresh workspaces each time: these are libgit2's full checkouts (the fallback).
+        let full = |c: &CommitId| Workspace::open(&runner).unwrap().checkout(c).unwrap();
+        assert!(!full(&c3).incremental);
         assert!(runner.join("c.txt").exists());
         std::fs::write(runner.join("junk.pyc"), "x").unwrap();
         std::fs::create_dir(runner.join("__pycache__")).unwrap();
         std::fs::write(runner.join("__pycache__/m.pyc"), "x").unwrap();
-        let co = checkout(&runner, &c1).unwrap();
-        assert!(!co.fetched);
+        let co = full(&c1);
+        assert!(!co.fetched && !co.incremental);
         assert!(!runner.join("c.txt").exists());
         assert!(!runner.join("junk.pyc").exists());
         assert!(!runner.join("__pycache__").exists());
@@ -733,7 +729,17 @@ mod tests {
     #[test]
     fn unknown_commit_and_missing_repo_are_clear_errors() {
         let tmp = tempfile::tempdir().unwrap();
-        let e = checkout(tmp.path(), &CommitId::parse(&"a".repeat(40)).unwrap()).unwrap_err();
+        let e = Workspace::open(tmp.path()).err().unwrap();
         assert!(e.to_string().contains("opening repository"), "{e}");
+
+        let m = tmp.path().join("master");
+        std::fs::create_dir(&m).unwrap();
+        git(&m, &["init", "-q"]);
+        commit(&m, "a.txt", "1");
+        git(tmp.path(), &["clone", "-q", "master", "clone"]);
+        let mut ws = Workspace::open(&tmp.path().join("clone")).unwrap();
+        let nowhere = CommitId::parse(&"a".repeat(40)).unwrap();
+        let e = ws.checkout(&nowhere).unwrap_err();
+        assert!(e.to_string().contains("not on any branch of origin"), "{e}");
     }
 }

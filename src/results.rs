@@ -51,44 +51,21 @@ pub fn log_path(dir: &Path, commit: &CommitId) -> PathBuf {
     dir.join(format!("{commit}.log"))
 }
 
-/// Writes `<sha>.json` atomically: see [`write_results`].
-pub fn write_result(dir: &Path, result: &ResultFile) -> io::Result<PathBuf> {
-    write_results(dir, std::slice::from_ref(result), true)?;
-    Ok(json_path(dir, &result.commit))
-}
-
 /// Writes a batch of `<sha>.json` files atomically: each goes to a temp file in
 /// [`STATE_DIR`] and is renamed into place, so a reader sees either no file or a whole one.
 ///
-/// With `durable`, the data is synced before the renames and the directory after them (a
-/// batch costs three syncs however many files it has: one file, its own fsync; more, one
-/// `syncfs`). Without, nothing is synced: the dispatcher's journal, which records every
-/// result and is synced once per batch, is what makes results survive a power cut.
-pub fn write_results(dir: &Path, results: &[ResultFile], durable: bool) -> io::Result<()> {
-    if results.is_empty() {
-        return Ok(());
-    }
+/// Nothing is synced here. The dispatcher's journal, which records every result and is
+/// synced before any result is acknowledged, is what makes results survive a power cut;
+/// at start the journal rewrites what the disk lost and then syncs the filesystem
+/// ([`sync_filesystem`]) before forgetting them.
+pub fn write_results(dir: &Path, results: &[ResultFile]) -> io::Result<()> {
     let state = dir.join(STATE_DIR);
-    let mut staged = Vec::with_capacity(results.len());
     for result in results {
         let tmp = state.join(format!("{}.json.tmp", result.commit));
         let mut body = serde_json::to_vec_pretty(result).map_err(io::Error::other)?;
         body.push(b'\n');
-        let mut f = File::create(&tmp)?;
-        f.write_all(&body)?;
-        if durable && results.len() == 1 {
-            f.sync_all()?;
-        }
-        staged.push((tmp, json_path(dir, &result.commit)));
-    }
-    if durable && results.len() > 1 {
-        sync_filesystem(&state)?;
-    }
-    for (tmp, path) in &staged {
-        fs::rename(tmp, path)?;
-    }
-    if durable {
-        File::open(dir)?.sync_all()?;
+        File::create(&tmp)?.write_all(&body)?;
+        fs::rename(&tmp, json_path(dir, &result.commit))?;
     }
     Ok(())
 }
@@ -165,7 +142,7 @@ mod tests {
             finished_at: rfc3339(SystemTime::now()),
             error: None,
         };
-        write_result(dir.path(), &r).unwrap();
+        write_results(dir.path(), std::slice::from_ref(&r)).unwrap();
         assert_eq!(read_result(dir.path(), &commit).unwrap(), r);
         let v: serde_json::Value =
             serde_json::from_slice(&fs::read(json_path(dir.path(), &commit)).unwrap()).unwrap();
@@ -181,7 +158,7 @@ mod tests {
                 ..r.clone()
             })
             .collect();
-        write_results(dir.path(), &batch, true).unwrap();
+        write_results(dir.path(), &batch).unwrap();
         for b in &batch {
             assert_eq!(read_result(dir.path(), &b.commit).unwrap(), *b);
         }

@@ -238,7 +238,7 @@ impl ResultWriter {
                     for more in rx.try_iter() {
                         batch.extend(more);
                     }
-                    if let Err(e) = results::write_results(&dir, &batch, false) {
+                    if let Err(e) = results::write_results(&dir, &batch) {
                         tracing::error!(error = %e, results = batch.len(), "cannot write result files (they are in the journal; a restart writes them)");
                     }
                 }
@@ -310,16 +310,6 @@ impl Core {
         }
         let (mut queued, mut running) = (0, 0);
         for p in pending {
-            if core.sched.is_known(&p.commit) {
-                // A result exists: the crash came between the result and its journal line.
-                core.journal
-                    .append(&Record::Finished {
-                        commit: p.commit.clone(),
-                        result: None,
-                    })
-                    .map_err(storage("journaling a finished commit"))?;
-                continue;
-            }
             match p.running {
                 Some((job, addr)) => {
                     let sink = LogSink::resume(&core.dir, &p.commit, &job, p.attempts, &addr)
@@ -599,16 +589,6 @@ impl Core {
             }
         }
         Ok(())
-    }
-}
-
-impl std::fmt::Debug for Core {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Core")
-            .field("journal", &self.journal.path())
-            .field("runners", &self.sched.runner_count())
-            .field("queued", &self.sched.queued())
-            .finish()
     }
 }
 

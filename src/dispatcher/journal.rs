@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -72,7 +72,6 @@ pub struct Pending {
 
 /// The open journal file.
 pub struct Journal {
-    path: PathBuf,
     /// Appends collect here; a batch reaches the file in one write at [`Journal::sync`].
     file: io::BufWriter<File>,
     dirty: bool,
@@ -110,7 +109,7 @@ impl Journal {
         let mut restored = 0;
         for r in &finished {
             if results::read_result(results_dir, &r.commit).ok().as_ref() != Some(r) {
-                results::write_results(results_dir, std::slice::from_ref(r), false)?;
+                results::write_results(results_dir, std::slice::from_ref(r))?;
                 restored += 1;
             }
         }
@@ -148,7 +147,6 @@ impl Journal {
         let file = OpenOptions::new().append(true).open(&path)?;
         Ok((
             Journal {
-                path,
                 file: io::BufWriter::with_capacity(1 << 20, file),
                 dirty: false,
             },
@@ -177,11 +175,6 @@ impl Journal {
             self.dirty = false;
         }
         Ok(())
-    }
-
-    /// Where the journal lives.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }
 
@@ -398,7 +391,7 @@ mod tests {
             j.sync().unwrap();
         }
         // c(2): whole file, journal line lost. c(3): torn file, journal line lost.
-        results::write_result(dir.path(), &result(c(2))).unwrap();
+        results::write_results(dir.path(), &[result(c(2))]).unwrap();
         fs::write(results::json_path(dir.path(), &c(3)), b"").unwrap();
 
         let (_, pending) = Journal::open(dir.path()).unwrap();

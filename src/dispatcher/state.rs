@@ -348,11 +348,6 @@ impl Scheduler {
     pub fn queued(&self) -> usize {
         self.queue.len()
     }
-
-    /// Registered runners.
-    pub fn runner_count(&self) -> usize {
-        self.runners.len()
-    }
 }
 
 #[cfg(test)]
