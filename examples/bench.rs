@@ -666,7 +666,6 @@ fn segment_notes(what: &str, samples: &[Sample], report: &mut Report) {
 /// Makes one commit with `files`, waits for its result, and measures it.
 fn one_commit(c: &Cluster, message: &str, files: &[(String, String)]) -> Result<Sample> {
     let (sha, committed) = commit_files(&c.master.dir, message, files)?;
-    c.remember(&sha);
     let seen = wait_file(&c.json_path(&sha), WAIT).with_context(|| {
         format!(
             "waiting for the result of {sha}\n--- dispatcher:\n{}\n--- runner:\n{}",
@@ -767,7 +766,6 @@ fn pipeline(
         .collect();
     files.push((".tinyci.toml".into(), spec(&[("noop", "true", "30s")])));
     let (big, _) = commit_files(&dir, "bench: generated repo", &files)?;
-    c.remember(&big);
     wait_file(&c.json_path(&big), WAIT)?;
     let tracked = git(&dir, &["ls-files"])?.lines().count();
     report.note(format!(
@@ -865,7 +863,6 @@ fn recovery_trial(c: &mut Cluster, slow: &str, sig: i32, k: usize) -> Result<f64
         ("trial.txt".to_owned(), format!("signal {sig} trial {k}\n")),
     ];
     let (sha, _) = commit_files(&c.master.dir, &format!("bench trial {sig}/{k}"), &files)?;
-    c.remember(&sha);
     let needle = format!("assigned commit={sha}");
     let first = c.dispatcher().wait_for(&[&needle], WAIT)?;
     let addr = field(&first, "addr").ok_or_else(|| anyhow!("no addr in {first:?}"))?;

@@ -42,14 +42,13 @@ fn hang_once_spec(mark: &std::path::Path, hang: &str) -> String {
 
 #[test]
 fn dispatcher_kill_and_restart_loses_nothing_and_adopts_running_jobs() -> Result<()> {
-    let mut c = Cluster::start(
+    let mut c = Cluster::start_ready(
         bins(),
         Opts {
             runners: 2,
             ..Opts::default()
         },
     )?;
-    c.wait_result(&c.master.head()?, WAIT)?;
     let a = c.commit(
         "long output",
         &[(".tinyci.toml", &counting_spec(30, "0.1"))],
@@ -136,7 +135,7 @@ fn observer_kill_and_restart_neither_skips_nor_repeats() -> Result<()> {
 
 #[test]
 fn poisoned_commit_is_given_up_and_the_pool_goes_on() -> Result<()> {
-    let mut c = Cluster::start(
+    let mut c = Cluster::start_ready(
         bins(),
         Opts {
             // One runner, so the good commit waits behind the poisoned one.
@@ -145,7 +144,6 @@ fn poisoned_commit_is_given_up_and_the_pool_goes_on() -> Result<()> {
             ..Opts::default()
         },
     )?;
-    c.wait_result(&c.master.head()?, WAIT)?;
     let poison = spec(&[(
         "poison",
         "echo about to kill my runner; sleep 0.3; kill -9 $PPID; sleep 5",
@@ -184,8 +182,7 @@ fn poisoned_commit_is_given_up_and_the_pool_goes_on() -> Result<()> {
 
 #[test]
 fn step_ignoring_sigterm_is_killed_at_its_timeout() -> Result<()> {
-    let c = Cluster::start(bins(), Opts::default())?;
-    c.wait_result(&c.master.head()?, WAIT)?;
+    let c = Cluster::start_ready(bins(), Opts::default())?;
     let stubborn = spec(&[(
         "stubborn",
         "trap '' TERM; sleep 300 & sleep 301; wait",
@@ -208,7 +205,7 @@ fn step_ignoring_sigterm_is_killed_at_its_timeout() -> Result<()> {
 
 #[test]
 fn frozen_runner_kills_its_superseded_job_when_it_wakes() -> Result<()> {
-    let c = Cluster::start(
+    let c = Cluster::start_ready(
         bins(),
         Opts {
             runners: 2,
@@ -217,7 +214,6 @@ fn frozen_runner_kills_its_superseded_job_when_it_wakes() -> Result<()> {
             ..Opts::default()
         },
     )?;
-    c.wait_result(&c.master.head()?, WAIT)?;
     let mark = c.tmp.path().join("frozen-mark");
     let sha = c.commit(
         "hang once",
@@ -248,14 +244,13 @@ fn frozen_runner_kills_its_superseded_job_when_it_wakes() -> Result<()> {
 
 #[test]
 fn restarted_runner_sweeps_what_its_killed_predecessor_left() -> Result<()> {
-    let mut c = Cluster::start(
+    let mut c = Cluster::start_ready(
         bins(),
         Opts {
             runners: 2,
             ..Opts::default()
         },
     )?;
-    c.wait_result(&c.master.head()?, WAIT)?;
     let mark = c.tmp.path().join("sweep-mark");
     let sha = c.commit(
         "hang once",

@@ -255,30 +255,6 @@ fn wait_sockets(pid: u32, what: &str, ok: impl Fn(usize) -> bool) -> Result<()> 
     .with_context(|| format!("the dispatcher has {} sockets open", last.get()))
 }
 
-/// A cluster whose tip is a commit of this test's own. (Every `Master::from_fixture` makes
-/// the same commit when two tests start within the same second, and a dropped `Cluster`
-/// kills every process carrying its commits' ids — a parallel test's run of that same
-/// commit included. So the shared fixture commit is never run here: the observer starts
-/// after a unique commit and reports only that tip.)
-fn cluster(opts: Opts) -> Result<Cluster> {
-    let observer = opts.observer;
-    let mut c = Cluster::start(
-        bins(),
-        Opts {
-            observer: false,
-            ..opts
-        },
-    )?;
-    c.commit(
-        &format!("tip of its own: {}", unique()),
-        &[("unique.txt", &unique())],
-    )?;
-    if observer {
-        c.start_observer()?;
-    }
-    Ok(c)
-}
-
 /// A string no other test (or test process) uses.
 fn unique() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -304,6 +280,16 @@ fn tip_succeeds(c: &Cluster) -> Result<()> {
         "tip {sha}: {r}\n--- log:\n{}",
         c.log_text(&sha)
     );
+    Ok(())
+}
+
+/// The attack cost nothing: the dispatcher is alive, the tip it was given at start
+/// succeeded, a fresh commit succeeds, and it is still alive afterwards.
+fn still_works(c: &mut Cluster, what: &str) -> Result<()> {
+    dispatcher_alive(c);
+    tip_succeeds(c)?;
+    still_serves(c, what)?;
+    dispatcher_alive(c);
     Ok(())
 }
 
@@ -419,7 +405,7 @@ fn look_alikes_match_the_real_encoding() -> Result<()> {
 
 #[test]
 fn garbage_first_frame_is_refused_and_logged() -> Result<()> {
-    let mut c = cluster(Opts::default())?;
+    let mut c = Cluster::start(bins(), Opts::default())?;
 
     // A well-framed body that is no hello.
     let mut r = Raw::connect(&c.addr)?;
@@ -460,16 +446,13 @@ fn garbage_first_frame_is_refused_and_logged() -> Result<()> {
         WAIT,
     )?;
 
-    dispatcher_alive(&mut c);
-    tip_succeeds(&c)?;
-    still_serves(&c, "after garbage")?;
-    dispatcher_alive(&mut c);
+    still_works(&mut c, "after garbage")?;
     Ok(())
 }
 
 #[test]
 fn http_request_is_refused_and_logged() -> Result<()> {
-    let mut c = cluster(Opts::default())?;
+    let mut c = Cluster::start(bins(), Opts::default())?;
     let mut r = Raw::connect(&c.addr)?;
     r.send_raw(
         format!(
@@ -491,16 +474,13 @@ fn http_request_is_refused_and_logged() -> Result<()> {
         ],
         WAIT,
     )?;
-    dispatcher_alive(&mut c);
-    tip_succeeds(&c)?;
-    still_serves(&c, "after http")?;
-    dispatcher_alive(&mut c);
+    still_works(&mut c, "after http")?;
     Ok(())
 }
 
 #[test]
 fn length_prefix_near_4_gib_is_refused_before_buffering() -> Result<()> {
-    let mut c = cluster(Opts::default())?;
+    let mut c = Cluster::start(bins(), Opts::default())?;
     let pid = c.dispatcher().pid();
     let mut r = Raw::connect(&c.addr)?;
     let mut bytes = 0xFFFF_FFF0u32.to_be_bytes().to_vec();
@@ -552,16 +532,13 @@ fn length_prefix_near_4_gib_is_refused_before_buffering() -> Result<()> {
     // Nothing near the announced size was ever allocated.
     let hwm = proc_status_bytes(pid, "VmHWM")?;
     assert!(hwm < 200 << 20, "dispatcher peak RSS {hwm} bytes");
-    dispatcher_alive(&mut c);
-    tip_succeeds(&c)?;
-    still_serves(&c, "after a 4 GiB prefix")?;
-    dispatcher_alive(&mut c);
+    still_works(&mut c, "after a 4 GiB prefix")?;
     Ok(())
 }
 
 #[test]
 fn oversized_frame_after_the_handshake_is_explained_to_the_peer() -> Result<()> {
-    let c = cluster(Opts::default())?;
+    let c = Cluster::start(bins(), Opts::default())?;
     let mut r = welcomed(&c.addr, Role::Observer, "")?;
     r.send_raw(&0xFFFF_FFF0u32.to_be_bytes())?;
     // During the handshake the same input gets `Refused` with the reason; after it, a
@@ -577,7 +554,7 @@ fn oversized_frame_after_the_handshake_is_explained_to_the_peer() -> Result<()> 
 
 #[test]
 fn truncated_frame_is_logged_and_costs_only_its_connection() -> Result<()> {
-    let mut c = cluster(Opts::default())?;
+    let mut c = Cluster::start(bins(), Opts::default())?;
     let mut r = Raw::connect(&c.addr)?;
     r.send_raw(&[0, 0, 0, 50, 1, 2, 3])?;
     r.s.shutdown(Shutdown::Write)?;
@@ -604,10 +581,7 @@ fn truncated_frame_is_logged_and_costs_only_its_connection() -> Result<()> {
         ],
         WAIT,
     )?;
-    dispatcher_alive(&mut c);
-    tip_succeeds(&c)?;
-    still_serves(&c, "after a truncated frame")?;
-    dispatcher_alive(&mut c);
+    still_works(&mut c, "after a truncated frame")?;
     Ok(())
 }
 
@@ -622,7 +596,7 @@ fn refused_hello(c: &Cluster, h: &Hello) -> Result<(String, Raw)> {
 
 #[test]
 fn wrong_magic_is_refused_with_the_reason() -> Result<()> {
-    let mut c = cluster(Opts::default())?;
+    let mut c = Cluster::start(bins(), Opts::default())?;
     let (reason, r) = refused_hello(
         &c,
         &hello(0xdead_beef, PROTOCOL_VERSION, Role::Observer.code(), ""),
@@ -644,7 +618,7 @@ fn wrong_magic_is_refused_with_the_reason() -> Result<()> {
 
 #[test]
 fn wrong_version_is_refused_with_the_reason() -> Result<()> {
-    let mut c = cluster(Opts::default())?;
+    let mut c = Cluster::start(bins(), Opts::default())?;
     for version in [PROTOCOL_VERSION + 1, 0, u32::MAX] {
         let (reason, r) = refused_hello(&c, &hello(MAGIC, version, Role::Runner.code(), ""))?;
         assert!(reason.contains("version mismatch"), "{reason}");
@@ -668,7 +642,7 @@ fn wrong_version_is_refused_with_the_reason() -> Result<()> {
 
 #[test]
 fn unknown_or_unserved_role_is_refused_with_the_reason() -> Result<()> {
-    let mut c = cluster(Opts::default())?;
+    let mut c = Cluster::start(bins(), Opts::default())?;
     for code in [77u8, 0, 255] {
         let (reason, r) = refused_hello(&c, &hello(MAGIC, PROTOCOL_VERSION, code, ""))?;
         assert!(
@@ -705,7 +679,7 @@ fn unknown_or_unserved_role_is_refused_with_the_reason() -> Result<()> {
 
 #[test]
 fn silent_peer_is_closed_after_the_handshake_deadline() -> Result<()> {
-    let mut c = cluster(Opts::default())?;
+    let mut c = Cluster::start(bins(), Opts::default())?;
     let mut r = Raw::connect(&c.addr)?;
     let took = r.wait_closed(Duration::from_secs(10))?;
     assert!(
@@ -728,7 +702,7 @@ fn silent_peer_is_closed_after_the_handshake_deadline() -> Result<()> {
 
 #[test]
 fn five_hundred_silent_connections_do_not_block_real_work() -> Result<()> {
-    let mut c = cluster(Opts::default())?;
+    let mut c = Cluster::start(bins(), Opts::default())?;
     tip_succeeds(&c)?;
     let pid = c.dispatcher().pid();
     let sockets_before = open_sockets(pid);
@@ -780,7 +754,7 @@ fn five_hundred_silent_connections_do_not_block_real_work() -> Result<()> {
 #[test]
 fn connect_close_flood_leaves_the_dispatcher_serving() -> Result<()> {
     const FLOOD: usize = 3000;
-    let mut c = cluster(Opts::default())?;
+    let mut c = Cluster::start(bins(), Opts::default())?;
     tip_succeeds(&c)?;
     let pid = c.dispatcher().pid();
     let sockets_before = open_sockets(pid);
@@ -847,7 +821,7 @@ fn connect_close_flood_leaves_the_dispatcher_serving() -> Result<()> {
 
 #[test]
 fn bad_commit_ids_from_observers_and_runners_are_refused() -> Result<()> {
-    let mut c = cluster(Opts::default())?;
+    let mut c = Cluster::start(bins(), Opts::default())?;
     tip_succeeds(&c)?;
     for bad in bad_commit_ids() {
         let before = reachable(&c, &bad);
@@ -1047,7 +1021,7 @@ fn runner_survives_an_assign_with_a_bad_commit_id() -> Result<()> {
 
 #[test]
 fn result_for_an_unknown_job_is_refused() -> Result<()> {
-    let mut c = cluster(Opts::default())?;
+    let mut c = Cluster::start(bins(), Opts::default())?;
     // An empty queue, so nothing gets assigned to the fake runner.
     tip_succeeds(&c)?;
     let rt = runtime();
@@ -1148,7 +1122,7 @@ fn result_for_an_unknown_job_is_refused() -> Result<()> {
 
 #[test]
 fn malformed_tinyci_toml_is_an_error_result_and_the_next_commit_runs() -> Result<()> {
-    let mut c = cluster(Opts::default())?;
+    let mut c = Cluster::start(bins(), Opts::default())?;
     tip_succeeds(&c)?;
     let sha = c.commit(
         "broken spec",
@@ -1172,7 +1146,7 @@ fn malformed_tinyci_toml_is_an_error_result_and_the_next_commit_runs() -> Result
 
 #[test]
 fn a_gigabyte_of_output_is_capped_in_bounded_memory() -> Result<()> {
-    let mut c = cluster(Opts::default())?;
+    let mut c = Cluster::start(bins(), Opts::default())?;
     tip_succeeds(&c)?;
     let toml = spec(&[
         (
@@ -1224,7 +1198,7 @@ fn a_gigabyte_of_output_is_capped_in_bounded_memory() -> Result<()> {
 
 #[test]
 fn daemons_forked_by_a_step_do_not_outlive_it() -> Result<()> {
-    let mut c = cluster(Opts::default())?;
+    let mut c = Cluster::start(bins(), Opts::default())?;
     tip_succeeds(&c)?;
     let toml = spec(&[
         (
@@ -1267,10 +1241,13 @@ fn daemons_forked_by_a_step_do_not_outlive_it() -> Result<()> {
 
 #[test]
 fn token_is_required_when_set() -> Result<()> {
-    let mut c = cluster(Opts {
-        token: Some("s3cret".into()),
-        ..Opts::default()
-    })?;
+    let mut c = Cluster::start(
+        bins(),
+        Opts {
+            token: Some("s3cret".into()),
+            ..Opts::default()
+        },
+    )?;
     // With the token everything works end to end.
     tip_succeeds(&c)?;
     let handshake_failures = |c: &Cluster| {

@@ -52,8 +52,7 @@ fn one_commit_gives_a_success_result_and_a_log() -> Result<()> {
 
 #[test]
 fn failing_commit_names_the_failing_step_and_skips_the_rest() -> Result<()> {
-    let c = Cluster::start(bins(), Opts::default())?;
-    c.wait_result(&c.master.head()?, WAIT)?;
+    let c = Cluster::start_ready(bins(), Opts::default())?;
     let sha = c.commit("break the syntax", &[("calc.py", "def add(a, b:\n")])?;
     let r = c.wait_result(&sha, WAIT)?;
     assert_eq!(r["status"], "failure", "{r}");
@@ -124,14 +123,13 @@ fn five_commits_in_one_poll_interval_give_five_results() -> Result<()> {
 
 #[test]
 fn two_runners_share_the_work() -> Result<()> {
-    let c = Cluster::start(
+    let c = Cluster::start_ready(
         bins(),
         Opts {
             runners: 2,
             ..Opts::default()
         },
     )?;
-    c.wait_result(&c.master.head()?, WAIT)?;
     let mut shas = Vec::new();
     for i in 0..4 {
         shas.push(c.commit(
@@ -162,14 +160,13 @@ fn two_runners_share_the_work() -> Result<()> {
 
 #[test]
 fn killed_runner_job_reruns_on_another_runner() -> Result<()> {
-    let mut c = Cluster::start(
+    let mut c = Cluster::start_ready(
         bins(),
         Opts {
             runners: 2,
             ..Opts::default()
         },
     )?;
-    c.wait_result(&c.master.head()?, WAIT)?;
     let sha = c.commit("slow", &[(".tinyci.toml", &slow_spec("2"))])?;
     let (i, victim) = c.wait_assigned(&sha)?;
     c.runners[i].kill();
@@ -193,7 +190,7 @@ fn killed_runner_job_reruns_on_another_runner() -> Result<()> {
 
 #[test]
 fn frozen_runner_is_dropped_and_its_late_result_refused() -> Result<()> {
-    let c = Cluster::start(
+    let c = Cluster::start_ready(
         bins(),
         Opts {
             runners: 2,
@@ -202,7 +199,6 @@ fn frozen_runner_is_dropped_and_its_late_result_refused() -> Result<()> {
             ..Opts::default()
         },
     )?;
-    c.wait_result(&c.master.head()?, WAIT)?;
     let sha = c.commit("slow", &[(".tinyci.toml", &slow_spec("1.5"))])?;
     let d = c.dispatcher();
     let (i, victim) = c.wait_assigned(&sha)?;
@@ -233,8 +229,7 @@ fn frozen_runner_is_dropped_and_its_late_result_refused() -> Result<()> {
 
 #[test]
 fn step_timeout_kills_the_whole_process_group() -> Result<()> {
-    let c = Cluster::start(bins(), Opts::default())?;
-    c.wait_result(&c.master.head()?, WAIT)?;
+    let c = Cluster::start_ready(bins(), Opts::default())?;
     let toml = spec(&[
         // A background child and a grandchild that would outlive a plain kill of sh.
         (

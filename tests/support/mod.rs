@@ -3,7 +3,6 @@
 //! repositories made from `test_repo_fixture/`, and waits that poll with a deadline.
 #![allow(dead_code)]
 
-use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -361,7 +360,7 @@ pub struct Cluster {
     pub observer: Option<Proc>,
     observer_clone: PathBuf,
     next_clone: u32,
-    commits: Mutex<HashSet<String>>,
+
     // Last, so it is removed after every process is dead.
     pub tmp: tempfile::TempDir,
 }
@@ -389,7 +388,7 @@ impl Cluster {
             observer: None,
             observer_clone,
             next_clone: 0,
-            commits: Mutex::new(HashSet::new()),
+
             tmp,
         };
         c.start_dispatcher("0")?;
@@ -399,6 +398,14 @@ impl Cluster {
         if c.opts.observer {
             c.start_observer()?;
         }
+        Ok(c)
+    }
+
+    /// Starts a cluster and waits for the result of its first commit (the observer reports
+    /// the tip at start): a cluster that has shown it works.
+    pub fn start_ready(bins: Bins, opts: Opts) -> Result<Cluster> {
+        let c = Cluster::start(bins, opts)?;
+        c.wait_result(&c.master.head()?, WAIT)?;
         Ok(c)
     }
 
@@ -515,15 +522,9 @@ impl Cluster {
         Ok(())
     }
 
-    /// Commits to the master (and remembers the sha, to clean its processes up).
+    /// Commits to the master; returns the sha.
     pub fn commit(&self, message: &str, files: &[(&str, &str)]) -> Result<String> {
-        let sha = self.master.commit(message, files)?;
-        self.commits.lock().unwrap().insert(sha.clone());
-        Ok(sha)
-    }
-
-    pub fn remember(&self, sha: &str) {
-        self.commits.lock().unwrap().insert(sha.to_owned());
+        self.master.commit(message, files)
     }
 
     pub fn json_path(&self, sha: &str) -> PathBuf {
@@ -536,7 +537,6 @@ impl Cluster {
 
     /// Waits for `<sha>.json` and returns it parsed.
     pub fn wait_result(&self, sha: &str, within: Duration) -> Result<Value> {
-        self.remember(sha);
         let path = self.json_path(sha);
         let deadline = Instant::now() + within;
         loop {
@@ -593,13 +593,17 @@ impl Drop for Cluster {
         self.observer.take();
         self.runners.clear();
         self.dispatcher.take();
-        let shas: Vec<String> = self.commits.lock().unwrap().iter().cloned().collect();
-        for sha in shas {
-            for pid in step_processes(&sha) {
-                // SAFETY: kill(2) on a process that carries our test's commit in its env.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
+        // Every step process a runner of this cluster started carries its clone, which
+        // lives under our temp dir: those, and only those, are ours to sweep.
+        let ours =
+            std::fs::canonicalize(self.tmp.path()).unwrap_or_else(|_| self.tmp.path().into());
+        let mut prefix = b"TINYCI_RUNNER_CLONE=".to_vec();
+        prefix.extend_from_slice(ours.as_os_str().as_encoded_bytes());
+        prefix.push(b'/');
+        for pid in processes_with_env(|kv| kv.starts_with(&prefix)) {
+            // SAFETY: kill(2) on a process started in one of this cluster's clones.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
             }
         }
     }
@@ -618,6 +622,11 @@ pub fn field(line: &str, key: &str) -> Option<String> {
 /// processes of that commit's steps.
 pub fn step_processes(sha: &str) -> Vec<i32> {
     let needle = format!("TINYCI_COMMIT={sha}");
+    processes_with_env(|kv| kv == needle.as_bytes())
+}
+
+/// Live processes (not zombies) with an environment entry `KEY=value` that `wanted` accepts.
+pub fn processes_with_env(wanted: impl Fn(&[u8]) -> bool) -> Vec<i32> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return out;
@@ -629,7 +638,7 @@ pub fn step_processes(sha: &str) -> Vec<i32> {
         let Ok(env) = std::fs::read(e.path().join("environ")) else {
             continue;
         };
-        if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
+        if env.split(|b| *b == 0).any(&wanted) {
             let zombie = std::fs::read_to_string(e.path().join("stat"))
                 .ok()
                 .and_then(|s| {
