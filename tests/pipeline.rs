@@ -293,3 +293,38 @@ fn observer_started_before_the_dispatcher_delivers_later() -> Result<()> {
     }
     Ok(())
 }
+
+/// Asks a runner's own port what it is doing.
+fn runner_status(addr: &str) -> Result<(bool, Option<String>)> {
+    use tinyci::proto::{FromRunner, Role, ToRunner};
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let mut conn = tinyci::net::connect(addr, Role::Client, "").await?;
+        conn.send(&ToRunner::Status).await?;
+        let FromRunner::Status {
+            addr: reported,
+            connected,
+            commit,
+        } = conn.recv_within(WAIT, "the status").await?;
+        anyhow::ensure!(reported == addr, "runner says it is {reported}, not {addr}");
+        Ok((connected, commit.map(|c| c.to_string())))
+    })
+}
+
+#[test]
+fn runner_port_answers_status_queries() -> Result<()> {
+    let c = Cluster::start_ready(bins(), Opts::default())?;
+    let addr = &c.runner_addrs[0];
+    wait_until("the runner to be idle", WAIT, || {
+        runner_status(addr).is_ok_and(|s| s == (true, None))
+    })?;
+    let sha = c.commit("slow", &[(".tinyci.toml", &slow_spec("2"))])?;
+    c.wait_assigned(&sha)?;
+    wait_until("the runner to report its job", WAIT, || {
+        runner_status(addr).is_ok_and(|s| s == (true, Some(sha.clone())))
+    })?;
+    c.wait_result(&sha, WAIT)?;
+    wait_until("the runner to be idle again", WAIT, || {
+        runner_status(addr).is_ok_and(|s| s == (true, None))
+    })?;
+    Ok(())
+}
