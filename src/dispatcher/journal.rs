@@ -116,9 +116,12 @@ impl Journal {
         if restored > 0 {
             tracing::warn!(restored, "result files restored from the journal");
         }
-        let mut torn = 0;
+        let (mut torn, mut whole) = (0, 0);
         pending.retain(|p| match results::read_result(results_dir, &p.commit) {
-            Ok(_) => false,
+            Ok(_) => {
+                whole += 1;
+                false
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => true,
             Err(_) => {
                 torn += 1;
@@ -129,7 +132,12 @@ impl Journal {
         if torn > 0 {
             tracing::warn!(torn, "torn result files removed; their commits run again");
         }
-        results::sync_filesystem(results_dir)?;
+        // Result files the old journal vouched for (or that stand in for its missing lines)
+        // may not be on disk yet; they must be before the journal forgets them. syncfs
+        // flushes the whole filesystem, so it is skipped when there is nothing to protect.
+        if !finished.is_empty() || whole > 0 || torn > 0 {
+            results::sync_filesystem(results_dir)?;
+        }
 
         // Compact: write the live state to a new file and swap it in atomically.
         let tmp = path.with_extension("tmp");
