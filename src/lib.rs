@@ -8,6 +8,7 @@
 
 pub mod dispatcher;
 pub mod git;
+pub mod lock;
 pub mod logging;
 pub mod net;
 pub mod observer;
