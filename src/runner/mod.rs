@@ -8,6 +8,7 @@
 //! and resends from the offset the dispatcher names — or drops the job if told to.
 
 pub mod job;
+pub mod supervisor;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -49,15 +50,41 @@ pub struct Config {
     pub output_cap: u64,
 }
 
-/// Why a runner could not start.
+/// Why a runner could not start, or stopped on its own.
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
     /// The clone is unusable.
     #[error("{0}")]
     Repo(#[from] crate::git::GitError),
+    /// The clone's path cannot be used.
+    #[error("repository clone {path}: {source}")]
+    Clone {
+        /// The path given.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The listener has no address.
     #[error("listener: {0}")]
     Listener(#[from] std::io::Error),
+    /// The dispatcher refused us for good (token, protocol version), or is not one.
+    #[error("cannot work with the dispatcher: {0}")]
+    Dispatcher(#[source] net::NetError),
+}
+
+/// Keeps the steps this runner will run (processes of the same user) out of its memory:
+/// with `PR_SET_DUMPABLE` off, they can neither ptrace the runner nor read its
+/// `/proc/PID/environ`, where `TINYCI_TOKEN` may be. (Steps exec a new program, so they are
+/// dumpable as usual.) Call it first thing in `main`.
+pub fn harden_process() {
+    // SAFETY: prctl(2) with plain integer arguments.
+    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if rc != 0 {
+        eprintln!(
+            "warning: cannot make the runner non-dumpable: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// The job this runner holds, from assignment until the dispatcher acknowledges its result.
@@ -147,11 +174,9 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(), RunnerError> {
     // One spelling of the clone's path, so the leftover sweep recognises its own marker.
-    config.repo = std::fs::canonicalize(&config.repo).map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("repository clone {}: {e}", config.repo.display()),
-        )
+    config.repo = std::fs::canonicalize(&config.repo).map_err(|source| RunnerError::Clone {
+        path: config.repo.display().to_string(),
+        source,
     })?;
     let repo = config.repo.clone();
     let (workspace, leftovers) = tokio::task::spawn_blocking(move || {
@@ -183,6 +208,7 @@ pub async fn run(
     let token = config.token.clone().unwrap_or_default();
     let mut job: Option<ActiveJob> = None;
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+    let mut fatal = None;
     while !shutdown.is_cancelled() {
         let conn = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -204,9 +230,13 @@ pub async fn run(
                     }
                 }
             }
+            Err(e) if e.is_permanent() => {
+                fatal = Some(RunnerError::Dispatcher(e));
+                break;
+            }
             Err(e) => {
                 let delay = backoff.next_delay();
-                warn!(error = %e, retry_in = ?delay, "dispatcher unreachable");
+                warn!(error = %e, retry_in = ?delay, "dispatcher unreachable; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(delay) => {}
@@ -219,7 +249,7 @@ pub async fn run(
         j.stop().await;
     }
     status_task.abort();
-    Ok(())
+    fatal.map_or(Ok(()), Err)
 }
 
 fn set_status(status: &Mutex<Status>, f: impl FnOnce(&mut Status)) {
