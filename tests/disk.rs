@@ -150,7 +150,7 @@ fn a_full_results_disk_refuses_submissions_keeps_serving_and_loses_nothing() -> 
     ensure!(!c.json_path(&a).exists(), "a result file on a full disk?");
     assert_eq!(
         c.dispatcher()
-            .count(&["result written", &format!("commit={a}")]),
+            .count(&["result file written", &format!("commit={a}")]),
         0
     );
 
@@ -160,7 +160,7 @@ fn a_full_results_disk_refuses_submissions_keeps_serving_and_loses_nothing() -> 
     assert_eq!(r["status"], "success", "{r}");
     let line = c
         .dispatcher()
-        .wait_for(&["result written", &format!("commit={a}")], WAIT)?;
+        .wait_for(&["result file written", &format!("commit={a}")], WAIT)?;
     assert!(c.json_path(&a).exists(), "logged before written: {line}");
     let log = c.log_text(&a);
     assert!(
@@ -173,7 +173,7 @@ fn a_full_results_disk_refuses_submissions_keeps_serving_and_loses_nothing() -> 
     assert_eq!(c.wait_result(&tip, WAIT)?["status"], "success");
     let d = c.dispatcher();
     assert_eq!(d.count(&["queued", &format!("commit={tip}")]), 1);
-    assert_eq!(d.count(&["result written", &format!("commit={a}")]), 1);
+    assert_eq!(d.count(&["result file written", &format!("commit={a}")]), 1);
     Ok(())
 }
 
@@ -200,13 +200,20 @@ fn a_result_file_that_cannot_be_created_is_written_once_it_can() -> Result<()> {
     )?;
     std::thread::sleep(Duration::from_millis(1000));
     ensure!(!c.json_path(&sha).exists());
-    assert_eq!(d.count(&["result written", &format!("commit={sha}")]), 0);
+    assert_eq!(
+        d.count(&["result file written", &format!("commit={sha}")]),
+        0
+    );
 
     std::fs::remove_dir_all(&inodes)?;
     let r = c.wait_result(&sha, WAIT)?;
     assert_eq!(r["status"], "success", "{r}");
     d.wait_for(
-        &["result written", &format!("commit={sha}"), "retried=true"],
+        &[
+            "result file written",
+            &format!("commit={sha}"),
+            "retried=true",
+        ],
         WAIT,
     )?;
     Ok(())

@@ -87,7 +87,7 @@ fn dispatcher_kill_and_restart_loses_nothing_and_adopts_running_jobs() -> Result
     let logs = c.all_dispatcher_logs();
     for sha in queued.iter().chain([&a]) {
         assert_eq!(
-            count(&logs, &["result written", &format!("commit={sha}")]),
+            count(&logs, &["result recorded", &format!("commit={sha}")]),
             1
         );
         assert_eq!(count(&logs, &["queued", &format!("commit={sha}")]), 1);
@@ -336,7 +336,7 @@ fn chaos_run_keeps_exactly_one_result_per_commit() -> Result<()> {
         let commit = format!("commit={sha}");
         let written: Vec<&str> = logs
             .lines()
-            .filter(|l| l.contains("result written") && l.contains(&commit))
+            .filter(|l| l.contains("result recorded") && l.contains(&commit))
             .collect();
         assert_eq!(written.len(), 1, "exactly one result for {sha}");
         let assigned: Vec<String> = logs

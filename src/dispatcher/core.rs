@@ -260,6 +260,9 @@ struct Batch {
     results: Vec<ResultFile>,
     /// Result acknowledgements to runners: (runner, job, accepted).
     result_acks: Vec<(RunnerId, JobId, bool)>,
+    /// The attempt and runner each reported result came from, for the log line that says
+    /// it is recorded.
+    reported_by: HashMap<CommitId, (JobId, RunnerId)>,
 }
 
 /// Writes result files on a thread of its own, so the core never waits on creating a
@@ -324,7 +327,7 @@ fn write_results_until_written(dir: &std::path::Path, rx: &Receiver<Vec<ResultFi
             match results::write_results(dir, std::slice::from_ref(&result)) {
                 Ok(()) => {
                     let retried = warned.remove(&result.commit);
-                    info!(commit = %result.commit, status = ?result.status, runner = result.runner.as_deref().unwrap_or("-"), attempts = result.attempts, retried, "result written");
+                    info!(commit = %result.commit, retried, "result file written");
                 }
                 Err(e) => {
                     if warned.insert(result.commit.clone()) {
@@ -563,6 +566,7 @@ impl Core {
         }
         self.unsynced.results.extend(batch.results);
         self.unsynced.result_acks.extend(batch.result_acks);
+        self.unsynced.reported_by.extend(batch.reported_by);
         if let Err(e) = self.journal.sync() {
             self.journal_failed(&e);
             let reason = submissions_refused(&e);
@@ -583,7 +587,9 @@ impl Core {
         }
         let held = std::mem::take(&mut self.unsynced);
         for r in &held.results {
-            debug!(commit = %r.commit, "result durable in the journal");
+            if let Some((job, runner)) = held.reported_by.get(&r.commit) {
+                info!(commit = %r.commit, status = ?r.status, runner = %runner, attempts = r.attempts, job = %job, "result recorded");
+            }
         }
         for (runner, job, accepted) in held.result_acks {
             if let Some(tx) = self.runners.get(&runner) {
@@ -698,7 +704,9 @@ impl Core {
                             }
                             self.retire_log(sink);
                         }
-                        debug!(commit = %result.commit, status = ?result.status, runner = %runner, attempts = result.attempts, job = %job, "result received");
+                        batch
+                            .reported_by
+                            .insert(result.commit.clone(), (job, runner));
                         batch.results.push(result);
                     }
                     None => {
