@@ -1,10 +1,11 @@
 //! `test_runner`: runs the steps of commits the dispatcher assigns, in its own clone.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use tinyci::{net, runner, shutdown::Shutdown};
+use tinyci::{git, net, runner, shutdown::Shutdown};
 
 /// Registers with the dispatcher and runs one job at a time in REPO_CLONE.
 #[derive(Parser, Debug)]
@@ -28,6 +29,16 @@ struct Args {
     /// File holding the shared secret (default: $TINYCI_TOKEN, if set).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Take a clone that has uncommitted changes or untracked files: the runner resets and
+    /// cleans its clone before every job, so they are deleted.
+    #[arg(long)]
+    discard_changes: bool,
+    /// A fetch whose origin has not answered within this is aborted.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    fetch_connect_timeout: Duration,
+    /// A fetch that receives nothing for this long is aborted.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    fetch_stall_timeout: Duration,
     /// The runner's own clone of the master repository.
     repo_clone: PathBuf,
 }
@@ -49,6 +60,13 @@ async fn main() -> anyhow::Result<()> {
         dispatcher: args.dispatcher_server,
         token,
         output_cap: args.output_limit,
+        workspace: git::WorkspaceOptions {
+            discard_changes: args.discard_changes,
+            limits: git::FetchLimits {
+                connect_timeout: args.fetch_connect_timeout,
+                stall_timeout: args.fetch_stall_timeout,
+            },
+        },
     };
     runner::run(listener, config, Shutdown::on_signals()).await?;
     Ok(())

@@ -47,6 +47,8 @@ pub struct Config {
     pub token: Option<String>,
     /// Most output kept per job.
     pub output_cap: u64,
+    /// How the clone may be treated, and the deadlines of fetches.
+    pub workspace: crate::git::WorkspaceOptions,
 }
 
 /// Why a runner could not start.
@@ -77,7 +79,7 @@ struct ActiveJob {
 impl ActiveJob {
     fn start(
         config: &Config,
-        workspace: &Arc<Mutex<crate::git::Workspace>>,
+        workspace: &Arc<tokio::sync::Mutex<crate::git::Workspace>>,
         id: JobId,
         commit: CommitId,
         parent: &Shutdown,
@@ -113,6 +115,7 @@ impl ActiveJob {
             match self.events.try_recv() {
                 Ok(JobEvent::Output(bytes)) => self.output.extend_from_slice(&bytes),
                 Ok(JobEvent::Finished(report)) => self.report = Some(report),
+                Ok(JobEvent::Infra(failure)) => self.report = Some(infra_report(failure)),
                 Err(_) => break,
             }
         }
@@ -146,23 +149,22 @@ pub async fn run(
     mut config: Config,
     shutdown: Shutdown,
 ) -> Result<(), RunnerError> {
-    // One spelling of the clone's path, so the leftover sweep recognises its own marker.
-    config.repo = std::fs::canonicalize(&config.repo).map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("repository clone {}: {e}", config.repo.display()),
-        )
-    })?;
     let repo = config.repo.clone();
+    let options = config.workspace.clone();
     let (workspace, leftovers) = tokio::task::spawn_blocking(move || {
-        crate::git::Workspace::open(&repo).map(|ws| (ws, job::kill_leftovers(&repo)))
+        crate::git::Workspace::open(&repo, options).map(|ws| {
+            let killed = job::kill_leftovers(ws.path());
+            (ws, killed)
+        })
     })
     .await
     .map_err(|e| std::io::Error::other(e.to_string()))??;
-    if workspace.borrows_origin() {
-        info!("origin is local: its commits are read in place, without fetching");
+    // One spelling of the clone's path, so the leftover sweep recognises its own marker.
+    config.repo = workspace.path().to_path_buf();
+    if let crate::git::Origin::Local { objects, .. } = workspace.origin() {
+        info!(objects = %objects.display(), "origin is local: its commits are read in place, without fetching");
     }
-    let workspace = Arc::new(Mutex::new(workspace));
+    let workspace = Arc::new(tokio::sync::Mutex::new(workspace));
     if leftovers > 0 {
         warn!(
             killed = leftovers,
@@ -255,7 +257,7 @@ async fn job_event(job: &mut Option<ActiveJob>) -> JobEvent {
 async fn session(
     conn: &mut Connection<TcpStream>,
     addr: &str,
-    workspace: &Arc<Mutex<crate::git::Workspace>>,
+    workspace: &Arc<tokio::sync::Mutex<crate::git::Workspace>>,
     config: &Config,
     job: &mut Option<ActiveJob>,
     status: &Mutex<Status>,
@@ -346,6 +348,10 @@ async fn session(
                 let Some(j) = job.as_mut() else { continue };
                 match ev {
                     JobEvent::Output(bytes) => j.output.extend_from_slice(&bytes),
+                    JobEvent::Infra(failure) => {
+                        warn!(commit = %j.commit, reason = %failure.reason, "job not carried out");
+                        j.report = Some(infra_report(failure));
+                    }
                     JobEvent::Finished(report) => {
                         info!(commit = %j.commit, status = ?report.status, "job finished");
                         j.report = Some(report);
@@ -354,6 +360,16 @@ async fn session(
                 flush(conn, j).await?;
             }
         }
+    }
+}
+
+/// Until the protocol can hand a commit back, an infrastructure failure is reported as an
+/// `error` run that says so.
+fn infra_report(failure: job::InfraFailure) -> RunReport {
+    RunReport {
+        status: tinyci_proto::RunStatus::Error,
+        steps: Vec::new(),
+        error: Some(format!("infrastructure: {}", failure.reason)),
     }
 }
 
