@@ -668,8 +668,10 @@ impl Cluster {
         self.results.join(format!("{sha}.json"))
     }
 
+    /// The run's log (bytes that are not UTF-8 replaced, so a step's odd output shows).
     pub fn log_text(&self, sha: &str) -> String {
-        std::fs::read_to_string(self.results.join(format!("{sha}.log"))).unwrap_or_default()
+        let bytes = std::fs::read(self.results.join(format!("{sha}.log"))).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
     }
 
     /// Waits for `<sha>.json` and returns it parsed.
@@ -829,10 +831,10 @@ pub fn time_ms(result: &Value, key: &str) -> Result<u128> {
     Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_millis())
 }
 
-/// Live processes (not zombies, not this test process) whose working directory is `dir` or
-/// below it, or whose command line names a path under `dir`: what a runner or observer of
-/// that clone left behind. Each as `pid comm: cmdline (cwd)`.
-pub fn processes_in(dir: &Path) -> Vec<String> {
+/// Live processes (not zombies, not this test process, none of `except`) whose working
+/// directory is `dir` or below it, or whose command line names a path under `dir`: what a
+/// runner or observer of that clone started or left behind. Each as `pid comm: cmdline (cwd)`.
+pub fn processes_in(dir: &Path, except: &[u32]) -> Vec<String> {
     let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
     let needle = dir.as_os_str().as_encoded_bytes().to_vec();
     let me = std::process::id() as i32;
@@ -844,7 +846,7 @@ pub fn processes_in(dir: &Path) -> Vec<String> {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
-        if pid == me {
+        if pid == me || except.contains(&(pid as u32)) {
             continue;
         }
         let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
