@@ -387,6 +387,9 @@ rm sock.txt && python3 -c "import socket; socket.socket(socket.AF_UNIX).bind('so
 [ -f data.txt ] && [ "$(cat data.txt)" = v2 ] || { ls -l; echo "data.txt is not the committed file"; exit 1; }
 [ -f same.txt ] && [ "$(cat same.txt)" = same ] || { ls -l; echo "same.txt is not the committed file"; exit 1; }
 [ -f sock.txt ] || { ls -l; echo "sock.txt is not a file"; exit 1; }
+# git clean does not see FIFOs and sockets (git status neither): look for them directly.
+left=$(find . -path ./.git -prune -o \( -type p -o -type s \) -print)
+[ -z "$left" ] || { echo "FIFOs or sockets left by the last step: $left"; exit 1; }
 sh ci/git_check.sh
 "#;
     let b = commit(
