@@ -284,7 +284,7 @@ fn random_free_path(rng: &mut Rng, tree: &Tree) -> Option<Vec<u8>> {
     let dirs = dirs_of(tree);
     for _ in 0..20 {
         let dir = random_dir(rng, &dirs);
-        let mut name = (rng.pick_bytes(FILE_NAMES)).to_vec();
+        let mut name = rng.pick_bytes(FILE_NAMES).to_vec();
         if rng.chance(1, 3) {
             name.extend_from_slice(format!("{}", rng.below(100)).as_bytes());
         }
