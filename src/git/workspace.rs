@@ -275,7 +275,7 @@ impl Workspace {
                     .push(format!(".git/{rel} was changed by a step; restored it"));
             }
         }
-        if read_hooks(&git_dir.join("hooks")) != self.hooks {
+        if !same_hooks(&git_dir.join("hooks"), &self.hooks) {
             restore_hooks(&git_dir.join("hooks"), &self.hooks)?;
             done.repairs
                 .push(".git/hooks was changed by a step; restored it".into());
@@ -643,6 +643,29 @@ fn read_hooks(dir: &Path) -> Vec<(std::ffi::OsString, Vec<u8>, u32)> {
     }
     out.sort();
     out
+}
+
+/// Whether the hooks directory still holds exactly `hooks` (names, sizes and modes: a
+/// stat per hook, no reads, so it is cheap enough for every job).
+fn same_hooks(dir: &Path, hooks: &[(std::ffi::OsString, Vec<u8>, u32)]) -> bool {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return hooks.is_empty();
+    };
+    let mut seen = 0;
+    for e in rd.flatten() {
+        seen += 1;
+        let Ok(md) = fs::symlink_metadata(e.path()) else {
+            return false;
+        };
+        let name = e.file_name();
+        let Some((_, bytes, mode)) = hooks.iter().find(|(n, _, _)| *n == name) else {
+            return false;
+        };
+        if md.mode() != *mode || (md.is_file() && md.len() != bytes.len() as u64) {
+            return false;
+        }
+    }
+    seen == hooks.len()
 }
 
 fn restore_hooks(dir: &Path, hooks: &[(std::ffi::OsString, Vec<u8>, u32)]) -> Result<(), GitError> {
