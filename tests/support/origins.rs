@@ -32,12 +32,16 @@ pub struct GitDaemon {
 impl GitDaemon {
     /// Starts the daemon; picks a free port and retries if another process took it first.
     pub fn start(base: &Path) -> Result<GitDaemon> {
+        // `git daemon` forks the real daemon and stays its parent: killing the `git` left
+        // the daemon running. Start the program itself, so the pid we kill is the daemon.
+        let out = Command::new("git").arg("--exec-path").output()?;
+        let exec_path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let program = Path::new(&exec_path).join("git-daemon");
         let mut last = String::new();
         for _ in 0..10 {
             let port = free_port()?;
-            let mut cmd = Command::new("git");
-            cmd.arg("daemon")
-                .args([
+            let mut cmd = Command::new(&program);
+            cmd.args([
                     "--export-all",
                     "--reuseaddr",
                     "--verbose",
