@@ -949,14 +949,20 @@ fn compare(clone: &Path, want: &Expected, sha: &str) -> Result<Vec<Finding>> {
             break;
         }
     }
-    let extra: Vec<String> = a
-        .iter()
-        .filter(|(k, _)| !b.contains_key(*k))
-        .take(10)
-        .map(|(k, n)| format!("{} ({})", show(k), n.kind()))
-        .collect();
-    if !extra.is_empty() {
-        found.push(finding("left in the clone", extra.join(", ")));
+    // Leftovers, with FIFOs and sockets apart: `git clean` does not see those.
+    for (special, kind) in [
+        (true, "FIFO or socket left in the clone"),
+        (false, "left in the clone"),
+    ] {
+        let extra: Vec<String> = a
+            .iter()
+            .filter(|(k, n)| !b.contains_key(*k) && matches!(n, Node::Special(_)) == special)
+            .take(10)
+            .map(|(k, n)| format!("{} ({})", show(k), n.kind()))
+            .collect();
+        if !extra.is_empty() {
+            found.push(finding(kind, extra.join(", ")));
+        }
     }
     // git's own view
     match git_raw(clone, &["status", "--porcelain", "--ignored", "-z"], None) {
@@ -1700,6 +1706,7 @@ fn the_checker_sees_a_clone_left_as_the_step_left_it() -> Result<()> {
     }
     std::fs::write(clone.join("a.txt"), b"b\n")?;
     mkfifo(&clone.join("fifo"));
+    std::fs::write(clone.join("untracked.txt"), b"u\n")?;
     std::fs::write(clone.join("sub/c.txt"), b"c\n")?;
     set_mode(&clone.join("sub"), 0o000);
     let kinds: BTreeSet<String> = compare(&clone, &want, &a)?
@@ -1709,6 +1716,7 @@ fn the_checker_sees_a_clone_left_as_the_step_left_it() -> Result<()> {
     set_mode(&clone.join("sub"), 0o755);
     for want in [
         "file bytes differ",
+        "FIFO or socket left in the clone",
         "left in the clone",
         "line endings differ (stale CRLF/LF)",
         "directory the owner cannot use",

@@ -42,14 +42,14 @@ impl GitDaemon {
             let port = free_port()?;
             let mut cmd = Command::new(&program);
             cmd.args([
-                    "--export-all",
-                    "--reuseaddr",
-                    "--verbose",
-                    "--informative-errors",
-                ])
-                .arg("--listen=127.0.0.1")
-                .arg(format!("--port={port}"))
-                .arg(format!("--base-path={}", base.display()));
+                "--export-all",
+                "--reuseaddr",
+                "--verbose",
+                "--informative-errors",
+            ])
+            .arg("--listen=127.0.0.1")
+            .arg(format!("--port={port}"))
+            .arg(format!("--base-path={}", base.display()));
             let mut p = Proc::spawn("git-daemon", cmd)?;
             let deadline = Instant::now() + WAIT;
             loop {
