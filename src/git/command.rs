@@ -76,6 +76,21 @@ impl Git<'_> {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        self.run_with_input(what, kind, args, None).await
+    }
+
+    /// [`Git::run`], writing `input` to git's stdin (then closing it).
+    pub async fn run_with_input<I, S>(
+        &self,
+        what: &str,
+        kind: GitErrorKind,
+        args: I,
+        input: Option<&[u8]>,
+    ) -> Result<Vec<u8>, GitError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let mut cmd = Command::new("git");
         // Hooks are the clone's, which a step may have written: never ours to run.
         cmd.args(["-c", "core.hooksPath=/dev/null"])
@@ -83,7 +98,11 @@ impl Git<'_> {
             .current_dir(self.dir)
             .env("GIT_TERMINAL_PROMPT", "0")
             .env("GIT_SSH_VARIANT", "auto")
-            .stdin(Stdio::null())
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
@@ -105,6 +124,21 @@ impl Git<'_> {
             kind: GitErrorKind::Io,
         })?;
         let pgid = child.id().map(|p| p as libc::pid_t);
+        if let (Some(bytes), Some(mut stdin)) = (input, child.stdin.take()) {
+            use tokio::io::AsyncWriteExt;
+            // Small inputs (a few revisions): the pipe buffer takes them whole.
+            let written =
+                tokio::time::timeout(self.limits.connect_timeout, stdin.write_all(bytes)).await;
+            if !matches!(written, Ok(Ok(()))) {
+                kill_group(pgid);
+                let _ = child.wait().await;
+                return Err(GitError::new(
+                    what,
+                    "cannot write to git's input",
+                    GitErrorKind::Io,
+                ));
+            }
+        }
         let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take())
         else {
             kill_group(pgid);

@@ -94,6 +94,16 @@ pub struct Workspace {
     /// The index file's identity after the last checkout; a different one was written by a
     /// step, and is checked for entries that a checkout would skip.
     index_stamp: Option<(u64, i64, i64, u64)>,
+    /// The commit the last successful prepare checked out.
+    last: Option<CommitId>,
+    /// Cancels background work when the workspace is dropped.
+    stop: CancellationToken,
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 fn io(what: &str) -> impl FnOnce(std::io::Error) -> GitError + '_ {
@@ -140,6 +150,8 @@ impl Workspace {
             control: Vec::new(),
             hooks,
             index_stamp: None,
+            stop: CancellationToken::new(),
+            last: None,
             clone,
         };
         ws.control = ws.read_control();
@@ -209,7 +221,30 @@ impl Workspace {
             }
             Err(e) => return Err(e),
         }
-        if let Err(first) = self.checkout(commit, cancel).await {
+        // Copy the commit's borrowed objects into the clone while git checks it out: the
+        // two only read objects, and on two cores the copy costs no wall time.
+        let securing = matches!(self.clone.origin, Origin::Local { .. }).then(|| {
+            tokio::spawn(secure_objects(
+                self.clone.path.clone(),
+                commit.clone(),
+                self.stop.child_token(),
+            ))
+        });
+        let attributes_changed = self.attributes_change(commit).await;
+        if attributes_changed {
+            // git does not rewrite a file whose content is unchanged when only the
+            // attributes that apply to it changed; without an index it writes every file.
+            let _ = fs::remove_file(self.clone.git_dir.join("index"));
+        }
+        let mut checked_out = self.checkout(commit, cancel).await;
+        if attributes_changed && checked_out.is_ok() {
+            // Files written before their directory's new .gitattributes may have been
+            // converted by the old one: once every .gitattributes on disk is the commit's,
+            // write everything once more.
+            let _ = fs::remove_file(self.clone.git_dir.join("index"));
+            checked_out = self.checkout(commit, cancel).await;
+        }
+        if let Err(first) = checked_out {
             if first.kind == GitErrorKind::Cancelled || first.origin_unreachable() {
                 return Err(first);
             }
@@ -240,7 +275,48 @@ impl Workspace {
         }
         self.control = self.read_control();
         self.index_stamp = stamp(&self.clone.git_dir.join("index"));
+        self.last = Some(commit.clone());
+        if let Some(task) = securing {
+            tokio::select! {
+                _ = task => {}
+                _ = cancel.cancelled() => {
+                    return Err(GitError::new("copying the commit's objects", "cancelled", GitErrorKind::Cancelled));
+                }
+            }
+        }
         Ok(done)
+    }
+
+    /// Whether the `.gitattributes` files of `commit` differ from those the work tree was
+    /// last written with: the last commit we checked out, and HEAD if a step moved it
+    /// (only subtrees whose ids differ are visited).
+    async fn attributes_change(&self, commit: &CommitId) -> bool {
+        let path = self.clone.path.clone();
+        let sha = commit.clone();
+        let last = self.last.clone();
+        blocking(move || {
+            let repo = super::open(&path)?;
+            let tree_of = |c: &CommitId| {
+                Oid::from_str(c.as_str())
+                    .and_then(|oid| repo.find_commit(oid))
+                    .and_then(|c| c.tree())
+            };
+            let Ok(target) = tree_of(&sha) else {
+                return Ok(false);
+            };
+            let mut written = vec![repo.head().and_then(|h| h.peel_to_tree())];
+            if let Some(last) = &last {
+                written.push(tree_of(last));
+            }
+            let differ = written.iter().any(|t| match t {
+                Ok(t) => attributes_differ(&repo, Some(t), Some(&target)),
+                // Unreadable: we cannot tell what the files were written with.
+                Err(_) => true,
+            });
+            Ok(differ)
+        })
+        .await
+        .unwrap_or(false)
     }
 
     /// Puts back what a step may have broken under `.git` without running git: cheap
@@ -250,7 +326,12 @@ impl Workspace {
         let head = git_dir.join("HEAD");
         let head_ok = fs::read(&head).is_ok_and(|b| valid_head(&b));
         if !head_ok {
-            fs::write(&head, format!("{commit}\n")).map_err(io("rewriting HEAD"))?;
+            // Back to what the index matches: the last commit we checked out.
+            let at = self.last.as_ref().unwrap_or(commit);
+            if self.last.is_none() {
+                let _ = fs::remove_file(git_dir.join("index"));
+            }
+            fs::write(&head, format!("{at}\n")).map_err(io("rewriting HEAD"))?;
             done.repairs.push("HEAD was garbled; rewrote it".into());
         }
         for name in TOP_LOCKS {
@@ -282,9 +363,24 @@ impl Workspace {
         }
         let index = git_dir.join("index");
         let now = stamp(&index);
-        if now.is_some() && now != self.index_stamp {
-            let idx = index.clone();
-            let skips = blocking(move || Ok(index_has_skipped_entries(&idx))).await?;
+        let check_index = now.is_some() && now != self.index_stamp;
+        let (idx, top) = (index.clone(), self.clone.path.clone());
+        let (swept, skips) =
+            blocking(move || Ok((sweep(&top), check_index && index_has_skipped_entries(&idx))))
+                .await?;
+        if swept.special > 0 {
+            done.repairs.push(format!(
+                "removed {} FIFO(s), socket(s) or device(s) a step left",
+                swept.special
+            ));
+        }
+        if swept.chmodded > 0 {
+            done.repairs.push(format!(
+                "gave {} directorie(s) a step had locked their owner's access back",
+                swept.chmodded
+            ));
+        }
+        {
             if skips {
                 fs::remove_file(&index).map_err(io("removing the index"))?;
                 done.repairs.push(
@@ -747,6 +843,162 @@ fn remove_tree(path: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// Whether the `.gitattributes` files of two trees differ, at any depth.
+fn attributes_differ(
+    repo: &git2::Repository,
+    a: Option<&git2::Tree<'_>>,
+    b: Option<&git2::Tree<'_>>,
+) -> bool {
+    let attrs = |t: Option<&git2::Tree<'_>>| {
+        t.and_then(|t| t.get_name(".gitattributes"))
+            .map(|e| (e.id(), e.filemode()))
+    };
+    if attrs(a) != attrs(b) {
+        return true;
+    }
+    let subtrees = |t: Option<&git2::Tree<'_>>| -> Vec<(Vec<u8>, Oid)> {
+        t.map(|t| {
+            t.iter()
+                .filter(|e| e.kind() == Some(git2::ObjectType::Tree))
+                .map(|e| (e.name_bytes().to_vec(), e.id()))
+                .collect()
+        })
+        .unwrap_or_default()
+    };
+    let (sa, sb) = (subtrees(a), subtrees(b));
+    let mut names: Vec<&Vec<u8>> = sa.iter().chain(sb.iter()).map(|(n, _)| n).collect();
+    names.sort();
+    names.dedup();
+    names.into_iter().any(|name| {
+        let ia = sa.iter().find(|(n, _)| n == name).map(|(_, id)| *id);
+        let ib = sb.iter().find(|(n, _)| n == name).map(|(_, id)| *id);
+        if ia == ib {
+            return false;
+        }
+        let ta = ia.and_then(|id| repo.find_tree(id).ok());
+        let tb = ib.and_then(|id| repo.find_tree(id).ok());
+        attributes_differ(repo, ta.as_ref(), tb.as_ref())
+    })
+}
+
+/// The file in `.git` naming the last commit whose objects were copied into the clone.
+const SECURED_FILE: &str = "tinyci-secured";
+
+/// Copies the objects of `commit` that the clone only borrows from its local origin into
+/// a pack of its own — only those not already copied for the last such commit — so the
+/// checkout stays readable even if origin later prunes the commit (a force-push and a
+/// `gc`). Runs beside the checkout; every 50 packs they are merged into one.
+async fn secure_objects(top: PathBuf, commit: CommitId, stop: CancellationToken) {
+    let git_dir = top.join(".git");
+    let last = fs::read_to_string(git_dir.join(SECURED_FILE))
+        .ok()
+        .and_then(|t| CommitId::parse(t.trim()).ok());
+    if last.as_ref() == Some(&commit) {
+        return;
+    }
+    let git = Git {
+        dir: &top,
+        limits: FetchLimits {
+            connect_timeout: LOCAL_LIMIT,
+            stall_timeout: LOCAL_LIMIT,
+        },
+        cancel: &stop,
+    };
+    let pack = |input: String| {
+        let git = &git;
+        async move {
+            git.run_with_input(
+                "copying the commit's objects into the clone",
+                GitErrorKind::Io,
+                [
+                    "pack-objects",
+                    "--revs",
+                    "--quiet",
+                    "--delta-base-offset",
+                    ".git/objects/pack/pack",
+                ],
+                Some(input.as_bytes()),
+            )
+            .await
+        }
+    };
+    let mut res = match &last {
+        Some(last) => pack(format!("{commit}\n^{last}\n")).await,
+        None => pack(format!("{commit}\n")).await,
+    };
+    if res.is_err() && last.is_some() && !stop.is_cancelled() {
+        // The last commit is gone (the clone was cloned again): copy everything.
+        res = pack(format!("{commit}\n")).await;
+    }
+    if let Err(e) = res {
+        if !stop.is_cancelled() {
+            warn!(error = %e, "cannot copy the commit's objects from origin; the clone still borrows them");
+        }
+        return;
+    }
+    let _ = fs::write(git_dir.join(SECURED_FILE), format!("{commit}\n"));
+    let packs = fs::read_dir(git_dir.join("objects/pack"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "pack"))
+                .count()
+        })
+        .unwrap_or(0);
+    if packs > 50 {
+        // Everything HEAD reaches, the borrowed objects included, into one pack.
+        if let Err(e) = git
+            .run(
+                "merging the clone's packs",
+                GitErrorKind::Io,
+                ["repack", "-a", "-d", "-q"],
+            )
+            .await
+        {
+            warn!(error = %e, "cannot merge the clone's packs");
+        }
+    }
+}
+
+/// What [`sweep`] changed.
+#[derive(Debug, Default)]
+struct Swept {
+    special: usize,
+    chmodded: usize,
+}
+
+/// Walks the work tree (not `.git`): removes FIFOs, sockets and device files, which git
+/// neither tracks nor cleans, and gives the owner back rwx on any directory a step took
+/// it from (git cannot clean or check out into those when not running as root).
+fn sweep(top: &Path) -> Swept {
+    use std::os::unix::fs::FileTypeExt;
+    let mut out = Swept::default();
+    let mut stack = vec![top.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if let Ok(md) = fs::symlink_metadata(&d) {
+            if md.mode() & 0o700 != 0o700 {
+                let mode = (md.mode() | 0o700) & 0o7777;
+                if fs::set_permissions(&d, fs::Permissions::from_mode(mode)).is_ok() {
+                    out.chmodded += 1;
+                }
+            }
+        }
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(t) = e.file_type() else { continue };
+            if t.is_dir() {
+                if !(d == top && e.file_name() == ".git") {
+                    stack.push(e.path());
+                }
+            } else if (t.is_fifo() || t.is_socket() || t.is_block_device() || t.is_char_device())
+                && fs::remove_file(e.path()).is_ok()
+            {
+                out.special += 1;
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
