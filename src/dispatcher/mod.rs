@@ -24,6 +24,7 @@ use tracing::{info, warn, Instrument};
 
 use self::core::{Core, Event, StorageError};
 use self::journal::Journal;
+use crate::lock::DirLock;
 use crate::results;
 use crate::shutdown::Shutdown;
 
@@ -65,6 +66,9 @@ pub enum DispatcherError {
     /// A write that must not fail did.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// Another dispatcher owns the results directory.
+    #[error(transparent)]
+    Locked(#[from] crate::lock::LockError),
     /// The core thread died.
     #[error("the dispatcher core stopped unexpectedly")]
     CoreDied,
@@ -88,6 +92,10 @@ pub async fn run(
         source,
     };
     results::prepare_dir(&dir).map_err(open_err)?;
+    // One owner per results directory: a second dispatcher would replay and compact the
+    // journal under the first one's feet. Held until `run` returns (the kernel drops it if
+    // the process dies).
+    let _owner = DirLock::acquire(&dir.join(results::STATE_DIR), "dispatcher")?;
     let (journal, pending) = Journal::open(&dir).map_err(open_err)?;
     let finished = results::finished_commits(&dir).map_err(open_err)?;
     let grace = (config.heartbeat_timeout * 2).max(Duration::from_secs(6));
