@@ -169,6 +169,9 @@ fn local_origin_objects(repo: &Repository, clone: &Path) -> Option<PathBuf> {
         .find(|d| d.join("info").is_dir() || d.join("pack").is_dir())
 }
 
+/// How long [`Workspace::probe_origin`] waits for origin to answer.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Files changed by the previous job are found by their ctime, which only the kernel sets;
 /// the kernel stamps it from a coarse clock, so the threshold leaves this much slack
 /// (files our own checkout wrote in that window are merely re-hashed).
@@ -217,6 +220,71 @@ impl Workspace {
             borrowed,
             clean: None,
         })
+    }
+
+    /// Checks that origin answers: `git ls-remote origin HEAD` in the clone, with a
+    /// deadline of [`PROBE_TIMEOUT`], given up at once when `cancel` fires. A paused
+    /// runner calls this until it succeeds.
+    pub fn probe_origin(
+        &self,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), GitError> {
+        use std::os::unix::process::CommandExt;
+        use std::process::{Command, Stdio};
+        let fail = |message: String| GitError {
+            what: "reaching origin".into(),
+            message,
+        };
+        let mut child = Command::new("git")
+            .args(["ls-remote", "origin", "HEAD"])
+            .current_dir(&self.path)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| fail(format!("cannot run git: {e}")))?;
+        let deadline = std::time::Instant::now() + PROBE_TIMEOUT;
+        let kill = |child: &mut std::process::Child| {
+            // SAFETY: kill(2) of the process group we just made for this git.
+            unsafe {
+                libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL);
+            }
+            let _ = child.wait();
+        };
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(()),
+                Ok(Some(status)) => {
+                    let mut stderr = String::new();
+                    if let Some(mut e) = child.stderr.take() {
+                        use std::io::Read;
+                        let _ = e.by_ref().take(4096).read_to_string(&mut stderr);
+                    }
+                    let stderr = stderr.trim();
+                    return Err(fail(if stderr.is_empty() {
+                        format!("git ls-remote {status}")
+                    } else {
+                        stderr.to_owned()
+                    }));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    kill(&mut child);
+                    return Err(fail(e.to_string()));
+                }
+            }
+            if cancel.is_cancelled() {
+                kill(&mut child);
+                return Err(fail("cancelled".into()));
+            }
+            if std::time::Instant::now() >= deadline {
+                kill(&mut child);
+                return Err(fail(format!("no answer within {PROBE_TIMEOUT:?}")));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Whether commits are read from origin's object store in place instead of fetched.

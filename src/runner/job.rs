@@ -1,6 +1,7 @@
 //! One job on a runner: check the commit out, read its steps, run them in order, and
 //! stream their output — all reported as [`JobEvent`]s on a channel, ending with exactly
-//! one [`JobEvent::Finished`].
+//! one [`JobEvent::Finished`] (the commit's verdict) or [`JobEvent::Infra`] (the job could
+//! not be carried out, for a reason that is not the commit's).
 //!
 //! Each step runs as `sh -c` in a process group of its own. When the step's shell exits,
 //! times out or the job is cancelled, the whole group is killed, so a step's forked
@@ -35,9 +36,27 @@ const MAX_LINE: usize = 16 * 1024;
 pub enum JobEvent {
     /// More output (whole lines, prefixed `[step] `).
     Output(Vec<u8>),
-    /// The job ended; nothing follows.
+    /// The checkout is done and the steps begin. Until then a stopping runner does not
+    /// wait for the job: nothing of the commit's has run yet.
+    StepsStarted,
+    /// The job ended with the commit's verdict; nothing follows.
     Finished(RunReport),
+    /// This job could not be carried out for a reason that is not the commit's (or the
+    /// runner was stopped): hand the commit back; nothing follows.
+    Infra(InfraFailure),
 }
+
+/// Why a job could not be carried out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InfraFailure {
+    /// What went wrong, in words fit for the log and for the commit's final `error`.
+    pub reason: String,
+    /// The runner's origin did not answer: the runner pauses until it does.
+    pub origin_unreachable: bool,
+}
+
+/// The reason a job cancelled by its runner ends with.
+pub const STOPPED: &str = "the runner was stopped";
 
 /// Shared by the pipe readers of all steps: enforces the output cap and sends output on.
 struct Output {
@@ -102,8 +121,24 @@ pub async fn execute(
         total: AtomicU64::new(0),
         truncated: AtomicBool::new(false),
     });
-    let report = run_job(workspace, &commit, &out, &cancel).await;
-    let _ = events.send(JobEvent::Finished(report));
+    let end = match run_job(workspace, &commit, &out, &cancel).await {
+        Ok(report) => JobEvent::Finished(report),
+        Err(failure) => {
+            out.note(&format!(
+                "this attempt could not be carried out: {}; the commit goes back to the queue",
+                failure.reason
+            ));
+            JobEvent::Infra(failure)
+        }
+    };
+    let _ = events.send(end);
+}
+
+fn infra(reason: String) -> InfraFailure {
+    InfraFailure {
+        reason,
+        origin_unreachable: false,
+    }
 }
 
 fn error_report(out: &Output, steps: Vec<StepReport>, message: String) -> RunReport {
@@ -120,24 +155,47 @@ async fn run_job(
     commit: &CommitId,
     out: &Arc<Output>,
     cancel: &CancellationToken,
-) -> RunReport {
+) -> Result<RunReport, InfraFailure> {
     let started = Instant::now();
     let c = commit.clone();
+    let ws = workspace.clone();
+    // The outer error is the infrastructure's (the checkout); the spec's is the commit's.
     let prepared = tokio::task::spawn_blocking(move || {
-        let mut ws = workspace
+        let mut ws = ws
             .lock()
             .map_err(|_| "the workspace lock is poisoned".to_string())?;
         let co = ws
             .checkout(&c)
             .map_err(|e| format!("checkout failed: {e}"))?;
-        let spec = spec::load(ws.path()).map_err(|e| e.to_string())?;
+        let spec = spec::load(ws.path()).map_err(|e| e.to_string());
         Ok::<_, String>((co, spec, ws.path().to_path_buf()))
     })
     .await;
     let (co, spec, repo) = match prepared {
         Ok(Ok(prepared)) => prepared,
-        Ok(Err(message)) => return error_report(out, Vec::new(), message),
-        Err(e) => return error_report(out, Vec::new(), format!("checkout task failed: {e}")),
+        Ok(Err(reason)) => {
+            // Whether the origin answers decides between repairing here and pausing.
+            let probe_cancel = cancel.clone();
+            let origin_unreachable = tokio::task::spawn_blocking(move || {
+                workspace
+                    .lock()
+                    .map_or(true, |ws| ws.probe_origin(&probe_cancel).is_err())
+            })
+            .await
+            .unwrap_or(false);
+            return Err(InfraFailure {
+                reason,
+                origin_unreachable,
+            });
+        }
+        Err(e) => return Err(infra(format!("checkout task failed: {e}"))),
+    };
+    if cancel.is_cancelled() {
+        return Err(infra(STOPPED.into()));
+    }
+    let spec = match spec {
+        Ok(spec) => spec,
+        Err(message) => return Ok(error_report(out, Vec::new(), message)),
     };
     let repo = repo.as_path();
     out.note(&format!(
@@ -151,6 +209,7 @@ async fn run_job(
         },
         if co.fetched { ", fetched" } else { "" }
     ));
+    let _ = out.events.send(JobEvent::StepsStarted);
 
     let mut steps = Vec::with_capacity(spec.steps.len());
     let mut failed = false;
@@ -169,9 +228,9 @@ async fn run_job(
         steps.push(report);
     }
     if cancel.is_cancelled() {
-        return error_report(out, steps, "the job was cancelled".into());
+        return Err(infra(STOPPED.into()));
     }
-    RunReport {
+    Ok(RunReport {
         status: if failed {
             RunStatus::Failure
         } else {
@@ -179,7 +238,7 @@ async fn run_job(
         },
         steps,
         error: None,
-    }
+    })
 }
 
 enum End {
