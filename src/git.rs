@@ -222,7 +222,7 @@ impl Workspace {
         })
     }
 
-    /// Checks that origin answers: `git ls-remote origin HEAD` in the clone, with a
+    /// Checks that origin answers: `git ls-remote ORIGIN-URL HEAD`, with a
     /// deadline of [`PROBE_TIMEOUT`], given up at once when `cancel` fires. A paused
     /// runner calls this until it succeeds.
     pub fn probe_origin(
@@ -235,9 +235,27 @@ impl Workspace {
             what: "reaching origin".into(),
             message,
         };
+        // Asked from outside the clone, so a damaged clone (a garbled HEAD) is not taken
+        // for an unreachable origin.
+        let url = self
+            .repo
+            .find_remote("origin")
+            .ok()
+            .and_then(|r| r.url().map(str::to_owned))
+            .ok_or_else(|| fail("the clone has no readable 'origin' remote".into()))?;
+        let is_path = !url.contains("://")
+            && !url
+                .split('/')
+                .next()
+                .is_some_and(|first| first.contains(':'));
+        let url = if is_path {
+            self.path.join(&url).display().to_string()
+        } else {
+            url
+        };
         let mut child = Command::new("git")
-            .args(["ls-remote", "origin", "HEAD"])
-            .current_dir(&self.path)
+            .args(["ls-remote", "--", &url, "HEAD"])
+            .current_dir("/")
             .env("GIT_TERMINAL_PROMPT", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
