@@ -189,7 +189,6 @@ impl Link {
                     Ok(c) => {
                         info!(dispatcher = %self.addr, "connected to the dispatcher");
                         self.conn = Some(c);
-                        self.backoff.reset();
                     }
                     Err(e) => {
                         let delay = self.backoff.next_delay();
@@ -202,6 +201,9 @@ impl Link {
             let conn = self.conn.as_mut()?;
             match exchange(conn, batch).await {
                 Ok((queued, known)) => {
+                    // Only an answered submission proves the link: a dispatcher that
+                    // accepts connections and then fails them must not be hammered.
+                    self.backoff.reset();
                     info!(commits = batch.len(), queued, known, last = %batch[batch.len() - 1], "submitted");
                     return batch.last();
                 }

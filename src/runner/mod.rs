@@ -503,6 +503,19 @@ impl Runner {
                     .is_some_and(|j| j.end.is_none() && j.withdrawing.is_none())
             });
             tokio::select! {
+                // Frames from the dispatcher first: after a long flush, a ping that waits
+                // in the socket must count before the silence deadline is judged. (The
+                // dispatcher sends little, so nothing else starves.)
+                biased;
+                msg = conn.recv::<FromDispatcher>() => {
+                    silence.as_mut().reset(Instant::now() + silence_limit);
+                    let Some(msg) = msg? else {
+                        return Err(ProtoError::Closed);
+                    };
+                    if let Some(stop) = self.on_message(conn, msg).await? {
+                        return Ok(stop);
+                    }
+                }
                 _ = self.shutdown.cancelled(), if withdraw_deadline.is_none() => {
                     match self.job.as_mut() {
                         Some(j) if j.end.is_none() => {
@@ -547,15 +560,6 @@ impl Runner {
                     }
                     if self.flush_job(conn).await? {
                         return Ok(Stop);
-                    }
-                }
-                msg = conn.recv::<FromDispatcher>() => {
-                    silence.as_mut().reset(Instant::now() + silence_limit);
-                    let Some(msg) = msg? else {
-                        return Err(ProtoError::Closed);
-                    };
-                    if let Some(stop) = self.on_message(conn, msg).await? {
-                        return Ok(stop);
                     }
                 }
                 () = &mut silence => {
