@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use tinyci::{net, observer, shutdown::Shutdown};
+use tinyci::{git, net, observer, shutdown::Shutdown};
 
 /// Polls REPO_CLONE's origin and submits each new commit to the dispatcher, oldest first.
 #[derive(Parser, Debug)]
@@ -25,6 +25,12 @@ struct Args {
     /// File holding the shared secret (default: $TINYCI_TOKEN, if set).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// A fetch whose origin has not answered within this is aborted.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    fetch_connect_timeout: Duration,
+    /// A fetch that receives nothing for this long is aborted.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    fetch_stall_timeout: Duration,
     /// The observer's own clone of the master repository.
     repo_clone: PathBuf,
 }
@@ -44,6 +50,10 @@ async fn main() -> anyhow::Result<()> {
         branch: args.branch,
         token,
         state_file: args.state_file,
+        limits: git::FetchLimits {
+            connect_timeout: args.fetch_connect_timeout,
+            stall_timeout: args.fetch_stall_timeout,
+        },
     };
     observer::run(config, Shutdown::on_signals()).await?;
     Ok(())

@@ -1,10 +1,11 @@
 //! `test_runner`: runs the steps of commits the dispatcher assigns, in its own clone.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use tinyci::{net, runner, shutdown::Shutdown};
+use tinyci::{git, net, runner, shutdown::Shutdown};
 
 /// Registers with the dispatcher and runs one job at a time in REPO_CLONE.
 #[derive(Parser, Debug)]
@@ -28,10 +29,20 @@ struct Args {
     /// On SIGTERM/Ctrl-C, how long to let the running job finish before its steps are
     /// killed and the commit handed back (a second signal does that at once).
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
-    drain_timeout: std::time::Duration,
+    drain_timeout: Duration,
     /// File holding the shared secret (default: $TINYCI_TOKEN, if set).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Take a clone that has uncommitted changes or untracked files: the runner resets and
+    /// cleans its clone before every job, so they are deleted.
+    #[arg(long)]
+    discard_changes: bool,
+    /// A fetch whose origin has not answered within this is aborted.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    fetch_connect_timeout: Duration,
+    /// A fetch that receives nothing for this long is aborted.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    fetch_stall_timeout: Duration,
     /// The runner's own clone of the master repository.
     repo_clone: PathBuf,
 }
@@ -54,6 +65,13 @@ async fn main() -> anyhow::Result<()> {
         token,
         output_cap: args.output_limit,
         drain_timeout: args.drain_timeout,
+        workspace: git::WorkspaceOptions {
+            discard_changes: args.discard_changes,
+            limits: git::FetchLimits {
+                connect_timeout: args.fetch_connect_timeout,
+                stall_timeout: args.fetch_stall_timeout,
+            },
+        },
     };
     runner::run(listener, config, Shutdown::on_signals_draining()).await?;
     Ok(())

@@ -38,6 +38,8 @@ struct Counts {
     large_commits: usize,
     /// Files in the generated repo.
     large_files: usize,
+    /// Measured checkouts per repo in the checkout phase.
+    checkout_commits: usize,
     /// Trials of each recovery kind.
     recovery_trials: usize,
     /// Simulated runners (capacity and idle CPU).
@@ -56,6 +58,7 @@ impl Counts {
             fixture_commits: 20,
             large_commits: 20,
             large_files: 5000,
+            checkout_commits: 200,
             recovery_trials: 5,
             sim_runners: 100,
             capacity_commits: 20_000,
@@ -68,6 +71,7 @@ impl Counts {
         Counts {
             fixture_commits: 20,
             large_commits: 20,
+            checkout_commits: 50,
             recovery_trials: 3,
             capacity_commits: 5_000,
             idle_cpu_window: Duration::from_secs(2),
@@ -153,14 +157,19 @@ impl Report {
     }
 }
 
-const USAGE: &str = "usage: bench [--quick] [--json FILE] [--only pipeline|recovery|capacity|idle]";
+const USAGE: &str =
+    "usage: bench [--quick] [--json FILE] [--only checkout|pipeline|recovery|capacity|idle]";
 
-const PHASES: [&str; 4] = ["pipeline", "recovery", "capacity", "idle"];
+const PHASES: [&str; 5] = ["checkout", "pipeline", "recovery", "capacity", "idle"];
 
 /// 15 MiB, the idle RSS target, in the kB (KiB) that /proc reports.
 const IDLE_RSS_TARGET_KB: f64 = 15.0 * 1024.0;
 
-const KEYS: [&str; 13] = [
+const KEYS: [&str; 17] = [
+    "checkout_small_p50_ms",
+    "checkout_small_p99_ms",
+    "checkout_large_p50_ms",
+    "checkout_large_p99_ms",
     "detect_p50_ms",
     "overhead_fixture_p50_ms",
     "overhead_fixture_p95_ms",
@@ -242,6 +251,10 @@ fn main() -> Result<()> {
     if run("idle") {
         eprintln!("[2/4] idle CPU with simulated runners");
         idle_cpu(&bins, counts, &mut report, &mut scratch)?;
+    }
+    if run("checkout") {
+        eprintln!("[0/4] the runner's checkout alone: fixture repo and 5,000 files");
+        checkout(counts, &mut report, &mut scratch)?;
     }
     if run("pipeline") {
         eprintln!("[3/4] fixture and generated repo: detection, overhead, idle RSS");
@@ -331,7 +344,8 @@ fn retire(mut c: Cluster, scratch: &mut Vec<tempfile::TempDir>) -> Result<()> {
     Ok(())
 }
 
-const HOW: [&str; 14] = [
+const HOW: [&str; 15] = [
+    "`checkout_small_*`/`checkout_large_*`: the runner's whole per-job checkout (`Workspace::prepare`: heal, fetch if missing, `git checkout --force --detach`, `git clean -ffdx`), called in process on a warm clone whose origin is a local directory, for commits that each change one file, after a fake step left an untracked file and a `__pycache__/`; small = the fixture repo, large = 5,000 files in nested dirs.",
     "`detect_p50_ms`: bench clock right after the master repo's branch moved (`git update-ref` returned, after `write-tree`/`commit-tree`) → timestamp of the dispatcher's `queued commit=<sha>` log line (observer `--poll-interval 100ms`).",
     "`overhead_fixture_p50_ms`/`_p95_ms`: dispatcher's `queued` log timestamp → the bench sees `<sha>.json` (polled every 1 ms), minus the sum of the result's `steps[].duration_ms`; fixture repo as is, one runner, commits one at a time after two warm-up jobs.",
     "`overhead_large_p50_ms`: the same on a generated repo of 5,000 files in nested dirs (step `true`), each commit changing 10 files.",
@@ -592,6 +606,65 @@ fn steps_ms(result: &serde_json::Value) -> f64 {
         .as_array()
         .map(|a| a.iter().filter_map(|s| s["duration_ms"].as_f64()).sum())
         .unwrap_or(0.0)
+}
+
+// ---------------------------------------------------------------------------------------
+// Phase 0: the runner's checkout alone.
+
+fn checkout(
+    counts: Counts,
+    report: &mut Report,
+    scratch: &mut Vec<tempfile::TempDir>,
+) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let cancel = CancellationToken::new();
+    for (label, files) in [("small", 0), ("large", counts.large_files)] {
+        let tmp = tempfile::Builder::new().prefix("tinyci-bench-").tempdir()?;
+        let master = Master::from_fixture(&tmp.path().join("master"))?;
+        let file_name =
+            |n: usize| format!("src/m{:02}/s{}/f{:02}.txt", n / 100, (n / 10) % 10, n % 10);
+        if files > 0 {
+            let all: Vec<(String, String)> = (0..files)
+                .map(|n| (file_name(n), format!("file {n}\nversion 0\n")))
+                .collect();
+            commit_files(&master.dir, "bench: generated files", &all)?;
+        }
+        git(tmp.path(), &["clone", "-q", "master", "runner"])?;
+        let runner = tmp.path().join("runner");
+        let mut ws = tinyci::git::Workspace::open(&runner, Default::default())?;
+        let mut ms = Vec::new();
+        for i in 0..counts.checkout_commits + 2 {
+            let body = format!("changed by commit {i}\n");
+            let (sha, _) = commit_files(
+                &master.dir,
+                "bench: one file",
+                &[(file_name(i % 1000), body)],
+            )?;
+            let sha = tinyci::proto::CommitId::parse(&sha)?;
+            // What a step leaves: an untracked file and a cache directory.
+            std::fs::write(runner.join("junk.txt"), "x")?;
+            std::fs::create_dir_all(runner.join("__pycache__"))?;
+            std::fs::write(runner.join("__pycache__/m.pyc"), "x")?;
+            let t = Instant::now();
+            rt.block_on(ws.prepare(&sha, &cancel))?;
+            if i >= 2 {
+                ms.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let target = if files > 0 { 40.0 } else { 15.0 };
+        let (p50, p99) = match label {
+            "small" => ("checkout_small_p50_ms", "checkout_small_p99_ms"),
+            _ => ("checkout_large_p50_ms", "checkout_large_p99_ms"),
+        };
+        report.ms(p50, pct(&ms, 50.0), Some(Target::AtMost(target)));
+        report.ms(p99, pct(&ms, 99.0), None);
+        report.note(format!("checkout {label} ms: {}", summary(&ms)));
+        drop(ws);
+        scratch.push(tmp);
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------

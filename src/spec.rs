@@ -1,10 +1,11 @@
 //! The steps of a run: read from `.tinyci.toml` at the root of the commit under test, or the
 //! reference behaviour (the unittest suite in `tests/`) when the file is absent.
 
-use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::git::RootFile;
 
 /// The file a repository declares its steps in.
 pub const SPEC_FILE: &str = ".tinyci.toml";
@@ -39,9 +40,6 @@ pub enum SpecError {
     /// Neither `.tinyci.toml` nor `tests/` exists.
     #[error("nothing to run: the commit has no {SPEC_FILE} and no tests/ directory")]
     NothingToRun,
-    /// The file could not be read.
-    #[error("cannot read {SPEC_FILE}: {0}")]
-    Read(#[source] std::io::Error),
     /// The file is not valid TOML of the expected shape.
     #[error("malformed {SPEC_FILE}: {0}")]
     Malformed(String),
@@ -65,31 +63,34 @@ struct RawStep {
 }
 
 /// The largest `.tinyci.toml` we read; anything bigger is not a step list.
-const MAX_SPEC_BYTES: u64 = 256 * 1024;
+pub const MAX_SPEC_BYTES: u64 = 256 * 1024;
 
-/// Reads the spec of the checkout at `workdir`.
-pub fn load(workdir: &Path) -> Result<Spec, SpecError> {
-    let path = workdir.join(SPEC_FILE);
-    match std::fs::metadata(&path) {
-        Ok(meta) if meta.len() > MAX_SPEC_BYTES => Err(SpecError::Invalid(format!(
-            "{} bytes is larger than the {MAX_SPEC_BYTES}-byte limit",
-            meta.len()
-        ))),
-        Ok(_) => parse(&std::fs::read_to_string(&path).map_err(SpecError::Read)?),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if workdir.join("tests").is_dir() {
-                Ok(Spec {
-                    steps: vec![Step {
-                        name: "test".into(),
-                        run: DEFAULT_TEST_COMMAND.into(),
-                        timeout: DEFAULT_STEP_TIMEOUT,
-                    }],
-                })
-            } else {
-                Err(SpecError::NothingToRun)
-            }
+/// The steps of a commit, from what its tree has at the root: the spec file (read from the
+/// object database, see [`crate::git::read_root_file`]) and whether there is a `tests/`
+/// directory for the reference behaviour.
+pub fn from_tree(file: RootFile, has_tests_dir: bool) -> Result<Spec, SpecError> {
+    match file {
+        RootFile::Bytes(bytes) => {
+            let text = String::from_utf8(bytes)
+                .map_err(|_| SpecError::Malformed("it is not UTF-8 text".into()))?;
+            parse(&text)
         }
-        Err(e) => Err(SpecError::Read(e)),
+        RootFile::TooLarge(size) => Err(SpecError::Invalid(format!(
+            "{size} bytes is larger than the {MAX_SPEC_BYTES}-byte limit"
+        ))),
+        RootFile::Symlink => Err(SpecError::Invalid(
+            "it is a symbolic link; tinyci reads the file from the commit and does not follow links"
+                .into(),
+        )),
+        RootFile::NotAFile => Err(SpecError::Invalid("it is not a regular file".into())),
+        RootFile::Missing if has_tests_dir => Ok(Spec {
+            steps: vec![Step {
+                name: "test".into(),
+                run: DEFAULT_TEST_COMMAND.into(),
+                timeout: DEFAULT_STEP_TIMEOUT,
+            }],
+        }),
+        RootFile::Missing => Err(SpecError::NothingToRun),
     }
 }
 
@@ -206,10 +207,20 @@ mod tests {
 
     #[test]
     fn falls_back_to_tests_dir_or_says_nothing_to_run() {
-        let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(load(dir.path()), Err(SpecError::NothingToRun)));
-        std::fs::create_dir(dir.path().join("tests")).unwrap();
-        let spec = load(dir.path()).unwrap();
+        assert!(matches!(
+            from_tree(RootFile::Missing, false),
+            Err(SpecError::NothingToRun)
+        ));
+        let spec = from_tree(RootFile::Missing, true).unwrap();
         assert_eq!(spec.steps[0].run, DEFAULT_TEST_COMMAND);
+        for (file, want) in [
+            (RootFile::Symlink, "symbolic link"),
+            (RootFile::TooLarge(MAX_SPEC_BYTES + 1), "limit"),
+            (RootFile::NotAFile, "not a regular file"),
+            (RootFile::Bytes(vec![0xff, 0xfe]), "UTF-8"),
+        ] {
+            let e = from_tree(file, true).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
     }
 }

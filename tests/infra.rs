@@ -326,7 +326,8 @@ fn origin_down_for_a_while_pauses_the_runner_and_the_commit_succeeds_after() -> 
         "an unreachable origin is not the commit's attempt: {r}"
     );
     assert!(
-        c.log_text(&sha).contains("could not be carried out"),
+        c.log_text(&sha)
+            .contains("ended without a result: checkout failed"),
         "{}",
         c.log_text(&sha)
     );

@@ -45,6 +45,8 @@ pub struct Config {
     pub token: Option<String>,
     /// Where the last acknowledged commit is kept; by default `.git/tinyci-observer.state`.
     pub state_file: Option<PathBuf>,
+    /// Deadlines of every fetch.
+    pub limits: git::FetchLimits,
 }
 
 /// Why the observer could not start.
@@ -77,32 +79,31 @@ enum Base {
 /// Watches the clone until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), ObserverError> {
     let repo = config.repo.clone();
-    let (branch, state_path) = {
-        let branch = config.branch.clone();
-        let state_file = config.state_file.clone();
-        tokio::task::spawn_blocking(move || -> Result<_, GitError> {
-            git::check_repo(&repo)?;
-            let branch = match branch {
-                Some(b) => b,
-                None => git::default_branch(&repo)?,
-            };
-            let state = match state_file {
-                Some(s) => s,
-                None => git::git_dir(&repo)?.join(STATE_FILE),
-            };
-            Ok((branch, state))
-        })
-        .await
-        .map_err(|e| ObserverError::State {
-            path: String::new(),
-            message: e.to_string(),
-        })??
-    };
+    let branch = config.branch.clone();
+    // The clone stays locked while this function runs: a second observer (or a runner) on
+    // the same clone is refused.
+    let (clone, branch) = tokio::task::spawn_blocking(move || -> Result<_, GitError> {
+        let clone = git::Clone::open(&repo)?;
+        let branch = match branch {
+            Some(b) => b,
+            None => git::default_branch(&clone.path)?,
+        };
+        Ok((clone, branch))
+    })
+    .await
+    .map_err(|e| ObserverError::State {
+        path: String::new(),
+        message: e.to_string(),
+    })??;
+    let state_path = config
+        .state_file
+        .clone()
+        .unwrap_or_else(|| clone.git_dir.join(STATE_FILE));
     let mut base = match load_state(&state_path, &branch)? {
         Some(c) => Base::Acked(c),
         None => Base::Fresh,
     };
-    info!(repo = %config.repo.display(), branch = %branch, dispatcher = %config.dispatcher, poll_interval = ?config.poll_interval, state = %state_path.display(), "watching");
+    info!(repo = %clone.path.display(), origin = clone.origin.url(), branch = %branch, dispatcher = %config.dispatcher, poll_interval = ?config.poll_interval, state = %state_path.display(), "watching");
 
     let token = config.token.clone().unwrap_or_default();
     let mut link = Link {
@@ -112,6 +113,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), ObserverError
         addr: config.dispatcher.clone(),
         token,
     };
+    let cancel = shutdown.child_token();
+    let mut failures = Backoff::default();
     let mut tick = tokio::time::interval(config.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -119,19 +122,25 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), ObserverError
             _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        let (repo, b, since) = (config.repo.clone(), branch.clone(), base.clone());
-        let polled = tokio::task::spawn_blocking(move || poll(&repo, &b, since)).await;
-        let (new_base, pending) = match polled {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => {
-                warn!(error = %e, "poll failed; will try again");
-                continue;
-            }
-            Err(e) => {
-                warn!(error = %e, "poll task failed; will try again");
-                continue;
-            }
-        };
+        let (new_base, pending) =
+            match poll(&clone.path, &branch, base.clone(), config.limits, &cancel).await {
+                Ok(pair) => {
+                    failures.reset();
+                    pair
+                }
+                Err(e) if e.kind == git::GitErrorKind::Cancelled => return Ok(()),
+                Err(e) => {
+                    // Origin unreachable or the branch missing: say so, and back off so a dead
+                    // origin is not hammered (and the log not flooded) once per poll.
+                    let delay = failures.next_delay().max(config.poll_interval);
+                    warn!(error = %e, retry_in = ?delay, "poll failed; will try again");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    continue;
+                }
+            };
         base = new_base;
         for batch in pending.chunks(MAX_BATCH) {
             let Some(acked) = link.submit(batch).await else {
@@ -147,21 +156,33 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), ObserverError
     }
 }
 
-/// Computes the commits to report, oldest first, and the base they lead to.
-fn poll(repo: &Path, branch: &str, base: Base) -> Result<(Base, Vec<CommitId>), GitError> {
-    let tip = git::fetch_branch_tip(repo, branch)?;
-    Ok(match base {
-        Base::Fresh => (Base::Unacked(tip.clone()), vec![tip]),
-        Base::Unacked(first) => {
-            let mut v = vec![first.clone()];
-            v.extend(git::commits_between(repo, &first, &tip, MAX_PER_POLL)?);
-            (Base::Unacked(first), v)
-        }
-        Base::Acked(last) => {
-            let v = git::commits_between(repo, &last, &tip, MAX_PER_POLL)?;
-            (Base::Acked(last), v)
-        }
+/// Fetches the branch and computes the commits to report, oldest first, and the base they
+/// lead to.
+async fn poll(
+    repo: &Path,
+    branch: &str,
+    base: Base,
+    limits: git::FetchLimits,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<(Base, Vec<CommitId>), GitError> {
+    let tip = git::fetch_branch_tip(repo, branch, limits, cancel).await?;
+    let repo = repo.to_path_buf();
+    tokio::task::spawn_blocking(move || -> Result<_, GitError> {
+        Ok(match base {
+            Base::Fresh => (Base::Unacked(tip.clone()), vec![tip]),
+            Base::Unacked(first) => {
+                let mut v = vec![first.clone()];
+                v.extend(git::commits_between(&repo, &first, &tip, MAX_PER_POLL)?);
+                (Base::Unacked(first), v)
+            }
+            Base::Acked(last) => {
+                let v = git::commits_between(&repo, &last, &tip, MAX_PER_POLL)?;
+                (Base::Acked(last), v)
+            }
+        })
     })
+    .await
+    .unwrap_or_else(|e| Err(GitError::task_failed(e)))
 }
 
 /// The connection to the dispatcher, made and remade on demand with backoff.

@@ -1,7 +1,7 @@
 //! One job on a runner: check the commit out, read its steps, run them in order, and
 //! stream their output — all reported as [`JobEvent`]s on a channel, ending with exactly
 //! one [`JobEvent::Finished`] (the commit's verdict) or [`JobEvent::Infra`] (the job could
-//! not be carried out, for a reason that is not the commit's).
+//! not be carried out, for a reason that is not the commit's: the runner hands it back).
 //!
 //! Each step runs as `sh -c` in a process group of its own. When the step's shell exits,
 //! times out or the job is cancelled, the whole group is killed, so a step's forked
@@ -10,7 +10,7 @@
 
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tinyci_proto::{CommitId, RunReport, RunStatus, StepReport, StepStatus};
@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
-use crate::git::Workspace;
+use crate::git::{GitErrorKind, Workspace};
 use crate::spec::{self, Step};
 
 /// How long a step gets between SIGTERM and SIGKILL of its group.
@@ -39,24 +39,22 @@ pub enum JobEvent {
     /// The checkout is done and the steps begin. Until then a stopping runner does not
     /// wait for the job: nothing of the commit's has run yet.
     StepsStarted,
-    /// The job ended with the commit's verdict; nothing follows.
+    /// The job ended with a verdict on the commit; nothing follows.
     Finished(RunReport),
-    /// This job could not be carried out for a reason that is not the commit's (or the
-    /// runner was stopped): hand the commit back; nothing follows.
+    /// The job could not be carried out for a reason that is not the commit's (fetch or
+    /// checkout failed, the clone is beyond repair, the runner was stopped): the commit is
+    /// to be handed back. Nothing follows.
     Infra(InfraFailure),
 }
 
-/// Why a job could not be carried out.
+/// Why a job could not be carried out, when that is not the commit's fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InfraFailure {
-    /// What went wrong, in words fit for the log and for the commit's final `error`.
+    /// In words, for the dispatcher's record of the attempt.
     pub reason: String,
-    /// The runner's origin did not answer: the runner pauses until it does.
+    /// The origin could not be reached: the runner should pause until it can.
     pub origin_unreachable: bool,
 }
-
-/// The reason a job cancelled by its runner ends with.
-pub const STOPPED: &str = "the runner was stopped";
 
 /// Shared by the pipe readers of all steps: enforces the output cap and sends output on.
 struct Output {
@@ -106,10 +104,10 @@ impl Output {
     }
 }
 
-/// Runs the job for `commit` in the clone at `repo`. Sends output and then exactly one
-/// `Finished` on `events`. Cancelling `cancel` kills the running step's group.
+/// Runs the job for `commit` in the runner's clone. Sends output and then exactly one
+/// `Finished` or `Infra` on `events`. Cancelling `cancel` kills the running step's group.
 pub async fn execute(
-    workspace: Arc<Mutex<Workspace>>,
+    workspace: Arc<tokio::sync::Mutex<Workspace>>,
     commit: CommitId,
     output_cap: u64,
     events: UnboundedSender<JobEvent>,
@@ -124,21 +122,11 @@ pub async fn execute(
     let end = match run_job(workspace, &commit, &out, &cancel).await {
         Ok(report) => JobEvent::Finished(report),
         Err(failure) => {
-            out.note(&format!(
-                "this attempt could not be carried out: {}; the commit goes back to the queue",
-                failure.reason
-            ));
+            out.note(&format!("not run here: {}", failure.reason));
             JobEvent::Infra(failure)
         }
     };
     let _ = events.send(end);
-}
-
-fn infra(reason: String) -> InfraFailure {
-    InfraFailure {
-        reason,
-        origin_unreachable: false,
-    }
 }
 
 fn error_report(out: &Output, steps: Vec<StepReport>, message: String) -> RunReport {
@@ -150,71 +138,86 @@ fn error_report(out: &Output, steps: Vec<StepReport>, message: String) -> RunRep
     }
 }
 
+/// The reason a job cancelled by its runner ends with.
+pub const STOPPED: &str = "the runner was stopped";
+
+/// The failure of a job that was stopped before it ended.
+fn stopped() -> InfraFailure {
+    InfraFailure {
+        reason: STOPPED.into(),
+        origin_unreachable: false,
+    }
+}
+
+/// Makes the clone the commit and reads its steps: `Err` when that is not the commit's
+/// fault, `Ok(Err(report))` when the commit itself has no usable spec.
+async fn prepare(
+    workspace: &Arc<tokio::sync::Mutex<Workspace>>,
+    commit: &CommitId,
+    out: &Output,
+    cancel: &CancellationToken,
+) -> Result<Result<(spec::Spec, std::path::PathBuf), RunReport>, InfraFailure> {
+    let started = Instant::now();
+    let mut ws = workspace.lock().await;
+    let prepared = ws.prepare(commit, cancel).await.map_err(|e| {
+        if e.kind == GitErrorKind::Cancelled {
+            stopped()
+        } else {
+            InfraFailure {
+                reason: format!("checkout failed: {e}"),
+                origin_unreachable: e.origin_unreachable(),
+            }
+        }
+    })?;
+    for repair in &prepared.repairs {
+        out.note(repair);
+    }
+    out.note(&format!(
+        "checked out {} in {} ms{}",
+        commit.short(),
+        started.elapsed().as_millis(),
+        if prepared.fetched { " (fetched)" } else { "" }
+    ));
+    let path = ws.path().to_path_buf();
+    drop(ws);
+    let (p, c) = (path.clone(), commit.clone());
+    let source = tokio::task::spawn_blocking(move || {
+        crate::git::read_root_file(&p, &c, spec::SPEC_FILE, spec::MAX_SPEC_BYTES, "tests")
+    })
+    .await
+    .map_err(|e| InfraFailure {
+        reason: format!("reading the spec: {e}"),
+        origin_unreachable: false,
+    })?
+    .map_err(|e| InfraFailure {
+        reason: format!("reading the spec: {e}"),
+        origin_unreachable: false,
+    })?;
+    Ok(match spec::from_tree(source.0, source.1) {
+        Ok(spec) => Ok((spec, path)),
+        Err(e) => Err(error_report(out, Vec::new(), e.to_string())),
+    })
+}
+
 async fn run_job(
-    workspace: Arc<Mutex<Workspace>>,
+    workspace: Arc<tokio::sync::Mutex<Workspace>>,
     commit: &CommitId,
     out: &Arc<Output>,
     cancel: &CancellationToken,
 ) -> Result<RunReport, InfraFailure> {
-    let started = Instant::now();
-    let c = commit.clone();
-    let ws = workspace.clone();
-    // The outer error is the infrastructure's (the checkout); the spec's is the commit's.
-    let prepared = tokio::task::spawn_blocking(move || {
-        let mut ws = ws
-            .lock()
-            .map_err(|_| "the workspace lock is poisoned".to_string())?;
-        let co = ws
-            .checkout(&c)
-            .map_err(|e| format!("checkout failed: {e}"))?;
-        let spec = spec::load(ws.path()).map_err(|e| e.to_string());
-        Ok::<_, String>((co, spec, ws.path().to_path_buf()))
-    })
-    .await;
-    let (co, spec, repo) = match prepared {
-        Ok(Ok(prepared)) => prepared,
-        Ok(Err(reason)) => {
-            // Whether the origin answers decides between repairing here and pausing.
-            let probe_cancel = cancel.clone();
-            let origin_unreachable = tokio::task::spawn_blocking(move || {
-                workspace
-                    .lock()
-                    .map_or(true, |ws| ws.probe_origin(&probe_cancel).is_err())
-            })
-            .await
-            .unwrap_or(false);
-            return Err(InfraFailure {
-                reason,
-                origin_unreachable,
-            });
-        }
-        Err(e) => return Err(infra(format!("checkout task failed: {e}"))),
-    };
-    if cancel.is_cancelled() {
-        return Err(infra(STOPPED.into()));
-    }
-    let spec = match spec {
-        Ok(spec) => spec,
-        Err(message) => return Ok(error_report(out, Vec::new(), message)),
+    let (spec, repo) = match prepare(&workspace, commit, out, cancel).await? {
+        Ok(pair) => pair,
+        Err(report) => return Ok(report),
     };
     let repo = repo.as_path();
-    out.note(&format!(
-        "checked out {} in {} ms ({}{})",
-        commit.short(),
-        started.elapsed().as_millis(),
-        if co.incremental {
-            "incremental"
-        } else {
-            "full"
-        },
-        if co.fetched { ", fetched" } else { "" }
-    ));
     let _ = out.events.send(JobEvent::StepsStarted);
-
     let mut steps = Vec::with_capacity(spec.steps.len());
     let mut failed = false;
     for step in &spec.steps {
-        if failed || cancel.is_cancelled() {
+        if cancel.is_cancelled() {
+            return Err(stopped());
+        }
+        if failed {
             steps.push(StepReport {
                 name: step.name.clone(),
                 status: StepStatus::Skipped,
@@ -224,11 +227,11 @@ async fn run_job(
             continue;
         }
         let report = run_step(repo, commit, step, out, cancel).await;
+        if cancel.is_cancelled() {
+            return Err(stopped());
+        }
         failed = report.status != StepStatus::Success;
         steps.push(report);
-    }
-    if cancel.is_cancelled() {
-        return Err(infra(STOPPED.into()));
     }
     Ok(RunReport {
         status: if failed {

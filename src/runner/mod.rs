@@ -75,6 +75,8 @@ pub struct Config {
     pub output_cap: u64,
     /// How long a drain (first signal) waits for the running job before stopping it.
     pub drain_timeout: Duration,
+    /// How the clone may be treated, and the deadlines of fetches.
+    pub workspace: crate::git::WorkspaceOptions,
 }
 
 /// Why a runner could not start.
@@ -121,7 +123,7 @@ struct ActiveJob {
 impl ActiveJob {
     fn start(
         config: &Config,
-        workspace: &Arc<Mutex<Workspace>>,
+        workspace: &Arc<tokio::sync::Mutex<Workspace>>,
         id: JobId,
         commit: CommitId,
         parent: &Shutdown,
@@ -242,23 +244,22 @@ pub async fn run(
     mut config: Config,
     shutdown: Shutdown,
 ) -> Result<(), RunnerError> {
-    // One spelling of the clone's path, so the leftover sweep recognises its own marker.
-    config.repo = std::fs::canonicalize(&config.repo).map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("repository clone {}: {e}", config.repo.display()),
-        )
-    })?;
     let repo = config.repo.clone();
+    let options = config.workspace.clone();
     let (workspace, leftovers) = tokio::task::spawn_blocking(move || {
-        Workspace::open(&repo).map(|ws| (ws, job::kill_leftovers(&repo)))
+        crate::git::Workspace::open(&repo, options).map(|ws| {
+            let killed = job::kill_leftovers(ws.path());
+            (ws, killed)
+        })
     })
     .await
     .map_err(|e| std::io::Error::other(e.to_string()))??;
-    if workspace.borrows_origin() {
-        info!("origin is local: its commits are read in place, without fetching");
+    // One spelling of the clone's path, so the leftover sweep recognises its own marker.
+    config.repo = workspace.path().to_path_buf();
+    if let crate::git::Origin::Local { objects, .. } = workspace.origin() {
+        info!(objects = %objects.display(), "origin is local: its commits are read in place, without fetching");
     }
-    let workspace = Arc::new(Mutex::new(workspace));
+    let workspace = Arc::new(tokio::sync::Mutex::new(workspace));
     if leftovers > 0 {
         warn!(
             killed = leftovers,
@@ -301,7 +302,7 @@ pub async fn run(
 struct Runner {
     config: Config,
     addr: String,
-    workspace: Arc<Mutex<Workspace>>,
+    workspace: Arc<tokio::sync::Mutex<Workspace>>,
     status: Arc<Mutex<Status>>,
     shutdown: Shutdown,
     job: Option<ActiveJob>,
@@ -704,7 +705,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// the runner is not paused. Cancel-safe: a probe in flight is kept in `pause`.
 async fn probe_tick(
     pause: &mut Option<Pause>,
-    workspace: &Arc<Mutex<Workspace>>,
+    workspace: &Arc<tokio::sync::Mutex<Workspace>>,
     shutdown: &Shutdown,
 ) -> Result<(), String> {
     let Some(p) = pause.as_mut() else {
@@ -713,11 +714,9 @@ async fn probe_tick(
     if p.probe.is_none() {
         tokio::time::sleep_until(p.next_probe).await;
         let (ws, cancel) = (workspace.clone(), shutdown.child_token());
-        p.probe = Some(tokio::task::spawn_blocking(move || {
-            let ws = ws
-                .lock()
-                .map_err(|_| "the workspace lock is poisoned".to_string())?;
-            ws.probe_origin(&cancel).map_err(|e| e.to_string())
+        p.probe = Some(tokio::spawn(async move {
+            let ws = ws.lock().await;
+            ws.probe_origin(&cancel).await.map_err(|e| e.to_string())
         }));
     }
     let res = match p.probe.as_mut() {

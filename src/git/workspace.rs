@@ -1,0 +1,975 @@
+//! The runner's clone, made exactly a commit before every job: what
+//! `git checkout --force --detach SHA && git clean -ffdx` gives (plus
+//! `git submodule update --init --recursive` when the commit has submodules), with HEAD
+//! detached at the commit, the index matching its tree and every object readable through
+//! the clone itself.
+//!
+//! The runner owns its clone, and a job may leave anything behind. Before each checkout
+//! the cheap things a step can break are put back without asking git (a garbled `HEAD`,
+//! stale `*.lock` files, the clone's config, hooks and the `info/` files that steer a
+//! checkout, index entries flagged to be skipped). If git still fails, a deeper repair
+//! follows (permissions of every directory, every lock file, the index rebuilt), and if
+//! that fails too the clone is cloned again from its origin. Only a failure to reach the
+//! origin, or a clone that cannot be rebuilt, ends a job without running it — and that is
+//! the infrastructure's failure, never the commit's.
+//!
+//! A local origin's objects are borrowed (`objects/info/alternates`, what
+//! `git clone --shared` sets up), so a new commit needs no fetch. The alternate names
+//! origin's object directory, which repacks keep; a commit that origin later prunes is
+//! fetched again, or the clone rebuilt, when a job needs it.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use git2::Oid;
+use tinyci_proto::CommitId;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::clone::{Clone, Origin};
+use super::command::{FetchLimits, Git};
+use super::{GitError, GitErrorKind};
+
+/// How the runner may treat the clone it is given.
+#[derive(Debug, Clone, Default)]
+pub struct WorkspaceOptions {
+    /// Take a clone with uncommitted changes or untracked files (they are deleted).
+    pub discard_changes: bool,
+    /// Deadlines of every fetch.
+    pub limits: FetchLimits,
+}
+
+/// What [`Workspace::prepare`] did.
+#[derive(Debug, Clone, Default)]
+pub struct Prepared {
+    /// Whether the commit had to be fetched.
+    pub fetched: bool,
+    /// What had to be repaired first, in words for the job's log (empty when nothing).
+    pub repairs: Vec<String>,
+}
+
+/// A file in `.git` that marks a clone as the runner's own: it was checked for a person's
+/// work once, and from then on it is reset and cleaned without asking.
+const OWNED_MARKER: &str = "tinyci-runner";
+
+/// Files under `.git` that steer a checkout and that a step may change; each job starts
+/// with them as the last checkout left them.
+const CONTROL_FILES: &[&str] = &[
+    "config",
+    "objects/info/alternates",
+    "info/attributes",
+    "info/sparse-checkout",
+    "info/grafts",
+];
+
+/// Lock files git leaves when it is killed; nothing of ours runs between jobs, so any
+/// that exist are stale.
+const TOP_LOCKS: &[&str] = &[
+    "index.lock",
+    "HEAD.lock",
+    "config.lock",
+    "packed-refs.lock",
+    "shallow.lock",
+];
+
+/// Local operations (checkout, clean) get this long without output; they print nothing
+/// while they work, so this is a bound on their whole run.
+const LOCAL_LIMIT: Duration = Duration::from_secs(600);
+
+/// The name of the directory a fresh clone is made in before it replaces a damaged one.
+const RECLONE_DIR: &str = ".tinyci-reclone";
+
+/// The runner's clone.
+pub struct Workspace {
+    clone: Clone,
+    limits: FetchLimits,
+    /// `.git/config` as it was when the runner took the clone: written into a fresh clone.
+    start_config: Option<Vec<u8>>,
+    /// The [`CONTROL_FILES`] as the last checkout left them (`None`: absent).
+    control: Vec<(&'static str, Option<Vec<u8>>)>,
+    /// The hooks directory as it was when the runner took the clone.
+    hooks: Vec<(std::ffi::OsString, Vec<u8>, u32)>,
+    /// The index file's identity after the last checkout; a different one was written by a
+    /// step, and is checked for entries that a checkout would skip.
+    index_stamp: Option<(u64, i64, i64, u64)>,
+}
+
+fn io(what: &str) -> impl FnOnce(std::io::Error) -> GitError + '_ {
+    move |e| {
+        let kind = GitErrorKind::Io;
+        GitError::new(what, e.to_string(), kind)
+    }
+}
+
+/// Runs blocking file-system work off the async runtime's threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, GitError> + Send + 'static,
+) -> Result<T, GitError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| GitError::new("a blocking task", e.to_string(), GitErrorKind::Io))?
+}
+
+impl Workspace {
+    /// Takes the clone at `path`: validates it (see [`Clone::open`]), locks it, refuses a
+    /// person's working copy on first use unless `discard_changes`, and makes a local
+    /// origin's objects readable in place. Blocking.
+    pub fn open(path: &Path, options: WorkspaceOptions) -> Result<Workspace, GitError> {
+        let clone = Clone::open(path)?;
+        let marker = clone.git_dir.join(OWNED_MARKER);
+        if !marker.exists() {
+            if !options.discard_changes {
+                refuse_if_dirty(&clone)?;
+            }
+            fs::write(
+                &marker,
+                "This clone belongs to a tinyci test_runner: it is reset and cleaned before every job.\n",
+            )
+            .map_err(io("marking the clone as the runner's"))?;
+        }
+        if let Origin::Local { objects, .. } = &clone.origin {
+            borrow_objects(&clone.git_dir, objects)?;
+        }
+        let start_config = fs::read(clone.git_dir.join("config")).ok();
+        let hooks = read_hooks(&clone.git_dir.join("hooks"));
+        let mut ws = Workspace {
+            limits: options.limits,
+            start_config,
+            control: Vec::new(),
+            hooks,
+            index_stamp: None,
+            clone,
+        };
+        ws.control = ws.read_control();
+        Ok(ws)
+    }
+
+    /// The top of the clone's work tree.
+    pub fn path(&self) -> &Path {
+        &self.clone.path
+    }
+
+    /// The clone's origin.
+    pub fn origin(&self) -> &Origin {
+        &self.clone.origin
+    }
+
+    fn git<'a>(&'a self, cancel: &'a CancellationToken, limits: FetchLimits) -> Git<'a> {
+        Git {
+            dir: &self.clone.path,
+            limits,
+            cancel,
+        }
+    }
+
+    fn local<'a>(&'a self, cancel: &'a CancellationToken) -> Git<'a> {
+        self.git(
+            cancel,
+            FetchLimits {
+                connect_timeout: LOCAL_LIMIT,
+                stall_timeout: LOCAL_LIMIT,
+            },
+        )
+    }
+
+    /// Whether the origin answers (`git ls-remote`, bounded by the fetch limits).
+    pub async fn probe_origin(&self, cancel: &CancellationToken) -> Result<(), GitError> {
+        self.git(cancel, self.limits)
+            .run(
+                "reaching origin",
+                GitErrorKind::Unreachable,
+                ["ls-remote", "--heads", "origin"],
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// Makes the clone exactly `commit` (see the module doc). An error means the job
+    /// cannot run here now, and is never the commit's fault: its kind says whether the
+    /// origin is unreachable, the commit is not on origin, or the clone is beyond repair.
+    pub async fn prepare(
+        &mut self,
+        commit: &CommitId,
+        cancel: &CancellationToken,
+    ) -> Result<Prepared, GitError> {
+        let mut done = Prepared::default();
+        if !self.clone.git_dir.is_dir() {
+            self.reclone("its .git directory is gone", &mut done, cancel)
+                .await?;
+        } else {
+            self.heal(commit, &mut done).await?;
+        }
+        match self.fetch_if_missing(commit, cancel).await {
+            Ok(fetched) => done.fetched = fetched,
+            Err(e) if e.kind == GitErrorKind::Damaged => {
+                self.reclone(&e.to_string(), &mut done, cancel).await?;
+                done.fetched = self.fetch_if_missing(commit, cancel).await?;
+            }
+            Err(e) => return Err(e),
+        }
+        if let Err(first) = self.checkout(commit, cancel).await {
+            if first.kind == GitErrorKind::Cancelled || first.origin_unreachable() {
+                return Err(first);
+            }
+            warn!(error = %first, "checkout failed; repairing the clone");
+            done.repairs
+                .push(format!("checkout failed ({first}); repaired the clone"));
+            let (top, git_dir) = (self.clone.path.clone(), self.clone.git_dir.clone());
+            let sha = commit.clone();
+            blocking(move || deep_repair(&top, &git_dir, &sha)).await?;
+            if let Err(second) = self.checkout(commit, cancel).await {
+                if second.kind == GitErrorKind::Cancelled || second.origin_unreachable() {
+                    return Err(second);
+                }
+                self.reclone(&second.to_string(), &mut done, cancel).await?;
+                self.fetch_if_missing(commit, cancel).await?;
+                self.checkout(commit, cancel).await.map_err(|e| {
+                    GitError::new(
+                        "checking out into a fresh clone",
+                        e.to_string(),
+                        if e.kind == GitErrorKind::Cancelled {
+                            e.kind
+                        } else {
+                            GitErrorKind::Damaged
+                        },
+                    )
+                })?;
+            }
+        }
+        self.control = self.read_control();
+        self.index_stamp = stamp(&self.clone.git_dir.join("index"));
+        Ok(done)
+    }
+
+    /// Puts back what a step may have broken under `.git` without running git: cheap
+    /// enough for every job.
+    async fn heal(&mut self, commit: &CommitId, done: &mut Prepared) -> Result<(), GitError> {
+        let git_dir = self.clone.git_dir.clone();
+        let head = git_dir.join("HEAD");
+        let head_ok = fs::read(&head).is_ok_and(|b| valid_head(&b));
+        if !head_ok {
+            fs::write(&head, format!("{commit}\n")).map_err(io("rewriting HEAD"))?;
+            done.repairs.push("HEAD was garbled; rewrote it".into());
+        }
+        for name in TOP_LOCKS {
+            if fs::remove_file(git_dir.join(name)).is_ok() {
+                done.repairs.push(format!("removed a stale .git/{name}"));
+            }
+        }
+        for (rel, want) in &self.control {
+            let p = git_dir.join(rel);
+            let have = fs::read(&p).ok();
+            if &have != want {
+                match want {
+                    Some(bytes) => {
+                        if let Some(parent) = p.parent() {
+                            let _ = fs::create_dir_all(parent);
+                        }
+                        fs::write(&p, bytes).map_err(io("restoring a file under .git"))?
+                    }
+                    None => fs::remove_file(&p).map_err(io("removing a file under .git"))?,
+                }
+                done.repairs
+                    .push(format!(".git/{rel} was changed by a step; restored it"));
+            }
+        }
+        if !same_hooks(&git_dir.join("hooks"), &self.hooks) {
+            restore_hooks(&git_dir.join("hooks"), &self.hooks)?;
+            done.repairs
+                .push(".git/hooks was changed by a step; restored it".into());
+        }
+        let index = git_dir.join("index");
+        let now = stamp(&index);
+        if now.is_some() && now != self.index_stamp {
+            let idx = index.clone();
+            let skips = blocking(move || Ok(index_has_skipped_entries(&idx))).await?;
+            if skips {
+                fs::remove_file(&index).map_err(io("removing the index"))?;
+                done.repairs.push(
+                    "the index had entries flagged assume-unchanged or skip-worktree; rebuilt it"
+                        .into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Fetches from origin unless the commit is already readable; `Ok(true)` if it fetched.
+    async fn fetch_if_missing(
+        &self,
+        commit: &CommitId,
+        cancel: &CancellationToken,
+    ) -> Result<bool, GitError> {
+        if self.has_commit(commit).await? {
+            return Ok(false);
+        }
+        let git = self.git(cancel, self.limits);
+        let fetch = |extra: &'static [&'static str]| {
+            let mut args = vec![
+                "fetch",
+                "--quiet",
+                "--progress",
+                "--force",
+                "--no-write-fetch-head",
+                "--no-recurse-submodules",
+                "origin",
+            ];
+            args.extend_from_slice(extra);
+            args
+        };
+        git.run(
+            "fetching from origin",
+            GitErrorKind::Unreachable,
+            fetch(&[
+                "+refs/heads/*:refs/remotes/origin/*",
+                "+refs/tags/*:refs/tags/*",
+            ]),
+        )
+        .await?;
+        if self.has_commit(commit).await? {
+            return Ok(true);
+        }
+        // Not on any branch or tag: ask for the commit itself (servers allow it when it is
+        // reachable from any of their refs, e.g. a pull request's).
+        let by_id = git
+            .run(
+                "fetching the commit by id",
+                GitErrorKind::NotFound,
+                [
+                    "fetch",
+                    "--quiet",
+                    "--progress",
+                    "--no-write-fetch-head",
+                    "--no-recurse-submodules",
+                    "origin",
+                    commit.as_str(),
+                ],
+            )
+            .await;
+        match by_id {
+            Ok(_) if self.has_commit(commit).await? => Ok(true),
+            Err(e) if e.kind != GitErrorKind::NotFound => Err(e),
+            _ => Err(GitError::new(
+                format!("fetching {commit}"),
+                "origin has no such commit on any branch or tag",
+                GitErrorKind::NotFound,
+            )),
+        }
+    }
+
+    /// Whether `commit` can be read through the clone (its objects or its alternates).
+    async fn has_commit(&self, commit: &CommitId) -> Result<bool, GitError> {
+        let path = self.clone.path.clone();
+        let sha = commit.clone();
+        blocking(move || {
+            let repo = super::open(&path)?;
+            let oid = Oid::from_str(sha.as_str())
+                .map_err(|e| GitError::new("parsing a commit id", e.message(), GitErrorKind::Io))?;
+            let found = repo.find_commit(oid).is_ok();
+            Ok(found)
+        })
+        .await
+    }
+
+    /// `git checkout --force --detach` + `git clean -ffdx`, and the same for submodules.
+    async fn checkout(
+        &self,
+        commit: &CommitId,
+        cancel: &CancellationToken,
+    ) -> Result<(), GitError> {
+        let git = self.local(cancel);
+        git.run(
+            &format!("checking out {commit}"),
+            GitErrorKind::Damaged,
+            [
+                "checkout",
+                "--quiet",
+                "--force",
+                "--detach",
+                "--no-recurse-submodules",
+                commit.as_str(),
+            ],
+        )
+        .await?;
+        git.run(
+            "cleaning the work tree",
+            GitErrorKind::Damaged,
+            ["clean", "-ffdxq"],
+        )
+        .await?;
+        let has_modules =
+            fs::symlink_metadata(self.clone.path.join(".gitmodules")).is_ok_and(|m| m.is_file());
+        if has_modules {
+            // A submodule's URL may be a path on this machine; git refuses the `file`
+            // transport for submodules by default since 2.38, but the commit under test
+            // runs its own code on this runner anyway, so it gains nothing from it.
+            let allow = ["-c", "protocol.file.allow=always"];
+            git.run(
+                "syncing submodule URLs",
+                GitErrorKind::Damaged,
+                allow
+                    .iter()
+                    .copied()
+                    .chain(["submodule", "sync", "--quiet", "--recursive"]),
+            )
+            .await?;
+            self.git(cancel, self.limits)
+                .run(
+                    "updating submodules",
+                    GitErrorKind::Unreachable,
+                    allow.iter().copied().chain([
+                        "submodule",
+                        "update",
+                        "--init",
+                        "--recursive",
+                        "--force",
+                        "--checkout",
+                        "--progress",
+                    ]),
+                )
+                .await?;
+            git.run(
+                "cleaning submodules",
+                GitErrorKind::Damaged,
+                [
+                    "submodule",
+                    "foreach",
+                    "--quiet",
+                    "--recursive",
+                    "git clean -ffdxq",
+                ],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the clone's `.git` with a fresh clone from origin.
+    async fn reclone(
+        &mut self,
+        why: &str,
+        done: &mut Prepared,
+        cancel: &CancellationToken,
+    ) -> Result<(), GitError> {
+        warn!(
+            reason = why,
+            origin = self.clone.origin.url(),
+            "the clone is damaged; cloning it again from origin"
+        );
+        done.repairs.push(format!(
+            "the clone was damaged ({why}); cloned it again from origin"
+        ));
+        let top = self.clone.path.clone();
+        let tmp = top.join(RECLONE_DIR);
+        {
+            let (top, tmp) = (top.clone(), tmp.clone());
+            blocking(move || {
+                make_writable(&top);
+                remove_tree(&tmp).map_err(io("removing an old fresh clone"))
+            })
+            .await?;
+        }
+        let mut args: Vec<String> = vec![
+            "clone".into(),
+            "--quiet".into(),
+            "--progress".into(),
+            "--no-checkout".into(),
+        ];
+        if matches!(self.clone.origin, Origin::Local { .. }) {
+            args.push("--shared".into());
+        }
+        args.push("--".into());
+        args.push(self.clone.origin.url().to_owned());
+        args.push(RECLONE_DIR.into());
+        self.git(cancel, self.limits)
+            .run(
+                "cloning again from origin",
+                GitErrorKind::Unreachable,
+                &args,
+            )
+            .await?;
+        let git_dir = self.clone.git_dir.clone();
+        let config = self.start_config.clone();
+        let hooks = self.hooks.clone();
+        blocking(move || {
+            let old = top.join(".tinyci-old-git");
+            remove_tree(&old).map_err(io("removing an old .git"))?;
+            if fs::symlink_metadata(&git_dir).is_ok() {
+                fs::rename(&git_dir, &old).map_err(io("moving the damaged .git aside"))?;
+            }
+            fs::rename(tmp.join(".git"), &git_dir).map_err(io("moving the fresh .git in"))?;
+            remove_tree(&tmp).map_err(io("removing the fresh clone's directory"))?;
+            remove_tree(&old).map_err(io("removing the damaged .git"))?;
+            if let Some(config) = config {
+                fs::write(git_dir.join("config"), config).map_err(io("restoring .git/config"))?;
+            }
+            restore_hooks(&git_dir.join("hooks"), &hooks)?;
+            fs::write(
+                git_dir.join(OWNED_MARKER),
+                "This clone belongs to a tinyci test_runner.\n",
+            )
+            .map_err(io("marking the clone"))?;
+            Ok(())
+        })
+        .await?;
+        if let Origin::Local { objects, .. } = &self.clone.origin {
+            borrow_objects(&self.clone.git_dir, objects)?;
+        }
+        self.index_stamp = None;
+        info!("cloned again from origin");
+        Ok(())
+    }
+
+    fn read_control(&self) -> Vec<(&'static str, Option<Vec<u8>>)> {
+        CONTROL_FILES
+            .iter()
+            .map(|rel| (*rel, fs::read(self.clone.git_dir.join(rel)).ok()))
+            .collect()
+    }
+}
+
+/// Refuses a clone with uncommitted changes or untracked (or ignored) files: the runner
+/// would delete them, and on first use they are more likely a person's work than ours.
+fn refuse_if_dirty(clone: &Clone) -> Result<(), GitError> {
+    let out = std::process::Command::new("git")
+        .args(["status", "--porcelain", "--ignored"])
+        .current_dir(&clone.path)
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE")
+        .env_remove("GIT_INDEX_FILE")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(io("running git status"))?;
+    let what = format!("cannot use {} as the clone", clone.path.display());
+    if !out.status.success() {
+        return Err(GitError::new(
+            what,
+            format!(
+                "git status failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            GitErrorKind::Usage,
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let changes: Vec<&str> = text.lines().collect();
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<&str> = changes.iter().take(3).map(|l| l.trim()).collect();
+    Err(GitError::new(
+        what,
+        format!(
+            "it has {} uncommitted change(s) or untracked file(s) ({}{}); the runner resets and cleans its clone before every job, which would delete them. Give the runner a clone of its own (`git clone ORIGIN DIR`), or pass --discard-changes to let it discard them",
+            changes.len(),
+            shown.join(", "),
+            if changes.len() > 3 { ", …" } else { "" }
+        ),
+        GitErrorKind::Usage,
+    ))
+}
+
+/// Makes origin's object directory an alternate of the clone (what `git clone --shared`
+/// does), so every commit of origin can be read through the clone without a fetch.
+fn borrow_objects(git_dir: &Path, objects: &Path) -> Result<(), GitError> {
+    let file = git_dir.join("objects/info/alternates");
+    let text = fs::read_to_string(&file).unwrap_or_default();
+    let line = objects.to_string_lossy();
+    if text.lines().any(|l| l.trim() == line) {
+        return Ok(());
+    }
+    if let Some(parent) = file.parent() {
+        fs::create_dir_all(parent).map_err(io("creating objects/info"))?;
+    }
+    let mut new = text;
+    if !new.is_empty() && !new.ends_with('\n') {
+        new.push('\n');
+    }
+    new.push_str(&line);
+    new.push('\n');
+    fs::write(&file, new).map_err(io("writing objects/info/alternates"))
+}
+
+/// Whether `HEAD`'s bytes are a symbolic ref or an object id, as git requires.
+fn valid_head(bytes: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return false;
+    };
+    let t = text.trim_end_matches('\n');
+    if let Some(r) = t.strip_prefix("ref: ") {
+        return r.starts_with("refs/") && !r.contains(char::is_whitespace);
+    }
+    (t.len() == 40 || t.len() == 64) && t.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A file's identity and last change, to tell whether someone rewrote it.
+fn stamp(path: &Path) -> Option<(u64, i64, i64, u64)> {
+    fs::metadata(path)
+        .ok()
+        .map(|m| (m.ino(), m.mtime(), m.mtime_nsec(), m.size()))
+}
+
+/// Whether the index has entries a checkout would leave alone (assume-unchanged,
+/// skip-worktree, intent-to-add), or cannot be read at all.
+fn index_has_skipped_entries(path: &Path) -> bool {
+    const ASSUME_VALID: u16 = 0x8000;
+    const SKIP_WORKTREE: u16 = 0x4000;
+    const INTENT_TO_ADD: u16 = 0x2000;
+    match git2::Index::open(path) {
+        Ok(index) => index.iter().any(|e| {
+            e.flags & ASSUME_VALID != 0 || e.flags_extended & (SKIP_WORKTREE | INTENT_TO_ADD) != 0
+        }),
+        Err(_) => true,
+    }
+}
+
+/// The hooks directory's regular files: name, bytes, mode.
+fn read_hooks(dir: &Path) -> Vec<(std::ffi::OsString, Vec<u8>, u32)> {
+    let mut out = Vec::new();
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let Ok(md) = fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            let bytes = if md.is_file() {
+                fs::read(e.path()).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            out.push((e.file_name(), bytes, md.mode()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Whether the hooks directory still holds exactly `hooks` (names, sizes and modes: a
+/// stat per hook, no reads, so it is cheap enough for every job).
+fn same_hooks(dir: &Path, hooks: &[(std::ffi::OsString, Vec<u8>, u32)]) -> bool {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return hooks.is_empty();
+    };
+    let mut seen = 0;
+    for e in rd.flatten() {
+        seen += 1;
+        let Ok(md) = fs::symlink_metadata(e.path()) else {
+            return false;
+        };
+        let name = e.file_name();
+        let Some((_, bytes, mode)) = hooks.iter().find(|(n, _, _)| *n == name) else {
+            return false;
+        };
+        if md.mode() != *mode || (md.is_file() && md.len() != bytes.len() as u64) {
+            return false;
+        }
+    }
+    seen == hooks.len()
+}
+
+fn restore_hooks(dir: &Path, hooks: &[(std::ffi::OsString, Vec<u8>, u32)]) -> Result<(), GitError> {
+    make_writable(dir);
+    remove_tree(dir).map_err(io("removing .git/hooks"))?;
+    fs::create_dir_all(dir).map_err(io("creating .git/hooks"))?;
+    for (name, bytes, mode) in hooks {
+        let p = dir.join(name);
+        fs::write(&p, bytes).map_err(io("restoring a hook"))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode & 0o7777))
+            .map_err(io("restoring a hook's mode"))?;
+    }
+    Ok(())
+}
+
+/// The repair git cannot do itself: every directory of the clone made readable and
+/// writable by its owner again (a step may `chmod 000` one, which stops `git clean`), every
+/// stale lock file under `.git` removed, HEAD pointed at the commit and the index dropped,
+/// so the next checkout rebuilds it from the work tree.
+fn deep_repair(top: &Path, git_dir: &Path, commit: &CommitId) -> Result<(), GitError> {
+    make_writable(top);
+    remove_locks(git_dir);
+    let _ = fs::remove_file(git_dir.join("index"));
+    fs::write(git_dir.join("HEAD"), format!("{commit}\n")).map_err(io("rewriting HEAD"))?;
+    Ok(())
+}
+
+/// Gives the owner rwx on `dir` and every directory below it (symlinks not followed).
+fn make_writable(dir: &Path) {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if let Ok(md) = fs::symlink_metadata(&d) {
+            if !md.is_dir() {
+                continue;
+            }
+            if md.mode() & 0o700 != 0o700 {
+                let _ = fs::set_permissions(
+                    &d,
+                    fs::Permissions::from_mode((md.mode() | 0o700) & 0o7777),
+                );
+            }
+        }
+        if let Ok(rd) = fs::read_dir(&d) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(e.path());
+                }
+            }
+        }
+    }
+}
+
+/// Removes every `*.lock` file under `.git` except in the object store.
+fn remove_locks(git_dir: &Path) {
+    let mut stack: Vec<PathBuf> = vec![git_dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() && e.file_name() != "objects" => stack.push(p),
+                Ok(t) if !t.is_dir() && p.extension().is_some_and(|x| x == "lock") => {
+                    let _ = fs::remove_file(&p);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// `rm -rf`, after giving the owner access to every directory below.
+fn remove_tree(path: &Path) -> std::io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(md) if md.is_dir() => {
+            make_writable(path);
+            fs::remove_dir_all(path)
+        }
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::git::tests::{commit, git};
+    use std::os::unix::fs::symlink;
+
+    fn options() -> WorkspaceOptions {
+        WorkspaceOptions::default()
+    }
+
+    /// A master repo with one commit and a runner clone of it.
+    fn setup() -> (tempfile::TempDir, PathBuf, PathBuf, CommitId) {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = tmp.path().join("master");
+        fs::create_dir(&m).unwrap();
+        git(&m, &["init", "-q"]);
+        let c1 = commit(&m, "a.txt", "a");
+        git(tmp.path(), &["clone", "-q", "master", "runner"]);
+        let r = tmp.path().join("runner");
+        (tmp, m, r, c1)
+    }
+
+    fn assert_exact(clone: &Path, c: &CommitId) {
+        assert_eq!(git(clone, &["rev-parse", "HEAD"]), c.as_str());
+        assert_eq!(git(clone, &["status", "--porcelain", "--ignored"]), "");
+        let head = fs::read_to_string(clone.join(".git/HEAD")).unwrap();
+        assert_eq!(head.trim(), c.as_str(), "HEAD is detached at the commit");
+    }
+
+    #[tokio::test]
+    async fn checkout_is_exact_and_readable_by_git_in_the_clone() {
+        let (_tmp, m, r, c1) = setup();
+        let cancel = CancellationToken::new();
+        let mut ws = Workspace::open(&r, options()).unwrap();
+        let c2 = commit(&m, "dir/b.txt", "b");
+        let p = ws.prepare(&c2, &cancel).await.unwrap();
+        assert!(
+            !p.fetched,
+            "a local origin's objects are borrowed, not fetched"
+        );
+        assert!(p.repairs.is_empty(), "{:?}", p.repairs);
+        assert_exact(&r, &c2);
+        // git in the clone sees the commit and its history through the alternate.
+        assert_eq!(git(&r, &["log", "--format=%H"]).lines().count(), 2);
+        git(&r, &["describe", "--always"]);
+        git(&r, &["diff", "--quiet", "HEAD"]);
+        // Junk of every kind, then back to c1.
+        fs::write(r.join("junk.pyc"), "x").unwrap();
+        fs::create_dir_all(r.join("build/deep")).unwrap();
+        fs::write(r.join("a.txt"), "changed").unwrap();
+        fs::remove_file(r.join("dir/b.txt")).unwrap();
+        nix_mkfifo(&r.join("dir/b.txt"));
+        symlink("/etc", r.join("etc-link")).unwrap();
+        fs::write(r.join(".git/index.lock"), "").unwrap();
+        let p = ws.prepare(&c1, &cancel).await.unwrap();
+        assert!(
+            p.repairs.iter().any(|x| x.contains("index.lock")),
+            "{:?}",
+            p.repairs
+        );
+        assert_exact(&r, &c1);
+        assert!(!r.join("dir").exists());
+    }
+
+    fn nix_mkfifo(p: &Path) {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    }
+
+    #[tokio::test]
+    async fn a_garbled_or_deleted_git_dir_is_repaired_or_cloned_again() {
+        let (_tmp, m, r, c1) = setup();
+        let cancel = CancellationToken::new();
+        let mut ws = Workspace::open(&r, options()).unwrap();
+        ws.prepare(&c1, &cancel).await.unwrap();
+        fs::write(r.join(".git/HEAD"), "garbage\n").unwrap();
+        let c2 = commit(&m, "b.txt", "b");
+        let p = ws.prepare(&c2, &cancel).await.unwrap();
+        assert!(
+            p.repairs.iter().any(|x| x.contains("HEAD")),
+            "{:?}",
+            p.repairs
+        );
+        assert_exact(&r, &c2);
+
+        // A step's config change (here: a smudge filter for every file) is undone.
+        git(&r, &["config", "core.autocrlf", "true"]);
+        let p = ws.prepare(&c1, &cancel).await.unwrap();
+        assert!(
+            p.repairs.iter().any(|x| x.contains("config")),
+            "{:?}",
+            p.repairs
+        );
+        let config = fs::read_to_string(r.join(".git/config")).unwrap();
+        assert!(!config.contains("autocrlf"), "{config}");
+        assert_exact(&r, &c1);
+
+        fs::remove_dir_all(r.join(".git")).unwrap();
+        let p = ws.prepare(&c2, &cancel).await.unwrap();
+        assert!(
+            p.repairs.iter().any(|x| x.contains("cloned it again")),
+            "{:?}",
+            p.repairs
+        );
+        assert_exact(&r, &c2);
+        assert!(r.join(".git").join(OWNED_MARKER).exists());
+
+        // Objects garbled: the checkout fails, the repair does not help, a fresh clone does.
+        fs::write(r.join(".git/objects/info/alternates"), "/nonexistent\n").unwrap();
+        let c3 = commit(&m, "c.txt", "c");
+        ws.prepare(&c3, &cancel).await.unwrap();
+        assert_exact(&r, &c3);
+    }
+
+    #[tokio::test]
+    async fn assume_unchanged_entries_do_not_survive() {
+        let (_tmp, _m, r, c1) = setup();
+        let cancel = CancellationToken::new();
+        let mut ws = Workspace::open(&r, options()).unwrap();
+        ws.prepare(&c1, &cancel).await.unwrap();
+        git(&r, &["update-index", "--assume-unchanged", "a.txt"]);
+        fs::write(r.join("a.txt"), "edited by a step").unwrap();
+        let p = ws.prepare(&c1, &cancel).await.unwrap();
+        assert!(
+            p.repairs.iter().any(|x| x.contains("index")),
+            "{:?}",
+            p.repairs
+        );
+        assert_eq!(fs::read_to_string(r.join("a.txt")).unwrap(), "a");
+        assert_exact(&r, &c1);
+    }
+
+    #[tokio::test]
+    async fn hooks_written_by_a_step_are_removed() {
+        let (_tmp, m, r, c1) = setup();
+        let cancel = CancellationToken::new();
+        let mut ws = Workspace::open(&r, options()).unwrap();
+        ws.prepare(&c1, &cancel).await.unwrap();
+        let hook = r.join(".git/hooks/post-checkout");
+        fs::write(&hook, "#!/bin/sh\ntouch \"$GIT_DIR/../pwned\"\n").unwrap();
+        fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
+        let c2 = commit(&m, "b.txt", "b");
+        ws.prepare(&c2, &cancel).await.unwrap();
+        assert!(!hook.exists());
+        assert!(!r.join("pwned").exists());
+        assert_exact(&r, &c2);
+    }
+
+    #[test]
+    fn wrong_paths_and_dirty_or_locked_clones_are_refused() {
+        let (tmp, _m, r, _c1) = setup();
+        let msg = |p: &Path| Workspace::open(p, options()).err().unwrap().to_string();
+        assert!(msg(&tmp.path().join("nope")).contains("does not exist"));
+        assert!(msg(&r.join(".git"))
+            .contains(&format!("pass {}", fs::canonicalize(&r).unwrap().display())));
+        git(tmp.path(), &["clone", "-q", "--bare", "master", "bare.git"]);
+        assert!(msg(&tmp.path().join("bare.git")).contains("bare repository"));
+        fs::create_dir(r.join("sub")).unwrap();
+        assert!(msg(&r.join("sub")).contains("inside the work tree of"));
+        // r/sub is an untracked directory, but empty ones do not count for git; a file does.
+        fs::write(r.join("sub/notes.txt"), "mine").unwrap();
+        let e = msg(&r);
+        assert!(e.contains("--discard-changes"), "{e}");
+        assert!(
+            r.join("sub/notes.txt").exists(),
+            "nothing is deleted on refusal"
+        );
+        let ws = Workspace::open(
+            &r,
+            WorkspaceOptions {
+                discard_changes: true,
+                ..options()
+            },
+        )
+        .unwrap();
+        let e = msg(&r);
+        assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
+        drop(ws);
+        // Once the runner's own, a clone with leftovers is taken without the flag.
+        Workspace::open(&r, options()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_origin_is_an_infrastructure_error_within_the_deadline() {
+        let (_tmp, m, r, _c1) = setup();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for s in listener.incoming().take(8) {
+                held.push(s);
+            }
+        });
+        git(
+            &r,
+            &[
+                "remote",
+                "set-url",
+                "origin",
+                &format!("git://127.0.0.1:{port}/x"),
+            ],
+        );
+        let mut ws = Workspace::open(
+            &r,
+            WorkspaceOptions {
+                discard_changes: false,
+                limits: FetchLimits {
+                    connect_timeout: Duration::from_millis(700),
+                    stall_timeout: Duration::from_millis(700),
+                },
+            },
+        )
+        .unwrap();
+        let c2 = commit(&m, "b.txt", "b");
+        let cancel = CancellationToken::new();
+        let started = std::time::Instant::now();
+        let e = ws.prepare(&c2, &cancel).await.unwrap_err();
+        assert!(e.origin_unreachable(), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let e = ws.probe_origin(&cancel).await.unwrap_err();
+        assert!(e.origin_unreachable(), "{e}");
+    }
+}
