@@ -101,6 +101,7 @@ fn dispatcher_sigterm_three_times_during_one_job_adopts_it_every_time() -> Resul
     assert_eq!(log.matches("[tinyci] attempt ").count(), 1, "{log}");
     let logs = c.all_dispatcher_logs();
     assert!(!logs.contains("runner lost"), "{logs}");
+    assert!(!logs.contains("superseded"), "{logs}");
     // Each stop told the runner, which came back at once instead of waiting to notice.
     assert_eq!(
         c.runners[0].count(&["the dispatcher is shutting down; reconnecting"]),

@@ -190,6 +190,10 @@ async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &Ctx) {
             return;
         }
     };
+    if ctx.shutdown.is_cancelled() {
+        // Accepted just as the dispatcher began to stop: serve nothing more.
+        return;
+    }
     let res = match role {
         Role::Observer => serve_observer(&mut conn, ctx).await,
         _ => serve_runner(&mut conn, peer, ctx).await,

@@ -294,24 +294,37 @@ impl Scheduler {
     }
 
     /// A newly registered runner announces it still runs `job`. If that attempt is
-    /// outstanding and has no live runner (it was restored from the journal), the runner
-    /// takes it over and `true` is returned.
+    /// outstanding and has no live runner (it was restored from the journal), or is held
+    /// by an earlier registration of the same runner (same address: it reconnected before
+    /// its old connection was noticed dead), the runner takes it over and `true` is
+    /// returned. The earlier registration keeps no job, so its loss costs nothing.
     pub fn adopt(&mut self, id: RunnerId, job: JobId) -> bool {
         let Some(commit) = self.jobs.get(&job) else {
             return false;
         };
+        let Some(entry) = self.active.get(commit) else {
+            return false;
+        };
+        let Some(addr) = self.runners.get(&id).map(|r| r.addr.clone()) else {
+            return false;
+        };
+        if self.runners.get(&id).is_some_and(|r| r.job.is_some()) {
+            return false;
+        }
+        if let Some(old) = entry.runner.filter(|old| *old != id) {
+            match self.runners.get_mut(&old) {
+                Some(o) if o.addr == addr && o.job == Some(job) => o.job = None,
+                _ => return false,
+            }
+        }
         let Some(entry) = self.active.get_mut(commit) else {
             return false;
         };
-        let Some(runner) = self.runners.get_mut(&id) else {
-            return false;
-        };
-        if entry.runner.is_some() || runner.job.is_some() {
-            return false;
-        }
         entry.runner = Some(id);
-        entry.runner_addr = Some(runner.addr.clone());
-        runner.job = Some(job);
+        entry.runner_addr = Some(addr);
+        if let Some(runner) = self.runners.get_mut(&id) {
+            runner.job = Some(job);
+        }
         self.idle.retain(|r| *r != id);
         true
     }
@@ -879,5 +892,27 @@ mod tests {
         let again = s.assign(now());
         assert_eq!(again.len(), 1, "b is paused, so a tries again");
         assert_eq!(again[0].runner, RunnerId(1));
+    }
+
+    #[test]
+    fn a_runner_that_reconnects_before_its_old_connection_is_noticed_keeps_its_job() {
+        let mut s = Scheduler::new(3);
+        s.submit(c(1), now());
+        s.add_runner(RunnerId(1), "a".into(), false);
+        let a = s.assign(now()).remove(0);
+        // Same runner (same address), new connection, announcing the job.
+        s.add_runner(RunnerId(2), "a".into(), false);
+        assert!(s.adopt(RunnerId(2), a.job));
+        // The old connection is noticed dead later: nothing is requeued or counted.
+        assert!(matches!(
+            s.remove_runner(RunnerId(1), false, "gone", now()),
+            Lost::Idle
+        ));
+        assert_eq!(s.queued(), 0);
+        // Another runner cannot take it.
+        s.add_runner(RunnerId(3), "b".into(), false);
+        assert!(!s.adopt(RunnerId(3), a.job));
+        let r = s.finish(a.job, ok(), now()).unwrap();
+        assert_eq!(r.attempts, 1);
     }
 }
