@@ -1,6 +1,7 @@
 //! `dispatcher`: queues commits from observers and hands them to test runners.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -34,10 +35,20 @@ struct Args {
     token_file: Option<PathBuf>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let args = Args::parse();
-    let _log = tinyci::logging::init();
+    let log = tinyci::logging::init();
+    let res = tokio::runtime::Runtime::new()
+        .context("cannot start the async runtime")
+        .and_then(|rt| rt.block_on(run(args)));
+    drop(log);
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => tinyci::exit::report(e.as_ref()),
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     if args.heartbeat_timeout <= args.heartbeat_interval {
         anyhow::bail!("--heartbeat-timeout must be longer than --heartbeat-interval");
     }

@@ -1,6 +1,7 @@
 //! `repo_observer`: reports every new commit of a branch to the dispatcher.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
@@ -11,7 +12,7 @@ use tinyci::{git, net, observer, shutdown::Shutdown};
 #[command(version)]
 struct Args {
     /// The dispatcher's host:port.
-    #[arg(long, default_value = "localhost:8888")]
+    #[arg(long, default_value = "localhost:8888", value_parser = net::parse_peer_addr)]
     dispatcher_server: String,
     /// How often origin is polled.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
@@ -35,10 +36,20 @@ struct Args {
     repo_clone: PathBuf,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let args = Args::parse();
-    let _log = tinyci::logging::init();
+    let log = tinyci::logging::init();
+    let res = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(args)));
+    drop(log);
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => tinyci::exit::report(e.as_ref()),
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     if args.poll_interval.is_zero() {
         anyhow::bail!("--poll-interval must be positive");
     }

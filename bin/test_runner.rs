@@ -1,6 +1,7 @@
 //! `test_runner`: runs the steps of commits the dispatcher assigns, in its own clone.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -21,7 +22,7 @@ struct Args {
     #[arg(long, default_value = "8900-9000", value_parser = net::parse_port_range)]
     port_range: std::ops::RangeInclusive<u16>,
     /// The dispatcher's host:port.
-    #[arg(long, default_value = "localhost:8888")]
+    #[arg(long, default_value = "localhost:8888", value_parser = net::parse_peer_addr)]
     dispatcher_server: String,
     /// Most bytes of output kept per job; the rest is cut with a marker line.
     #[arg(long, default_value_t = runner::DEFAULT_OUTPUT_CAP)]
@@ -47,10 +48,23 @@ struct Args {
     repo_clone: PathBuf,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
+    // A step's supervisor is this binary in a hidden mode; it must start before any thread.
+    runner::supervisor::main_if_supervisor();
+    runner::harden_process();
     let args = Args::parse();
-    let _log = tinyci::logging::init();
+    let log = tinyci::logging::init();
+    let res = tokio::runtime::Runtime::new()
+        .context("cannot start the async runtime")
+        .and_then(|rt| rt.block_on(run(args)));
+    drop(log);
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => tinyci::exit::report(e.as_ref()),
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let token = net::load_token(args.token_file.as_deref())?;
     let ports = match args.port {
         Some(p) => p..=p,

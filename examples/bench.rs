@@ -685,8 +685,8 @@ const SEGMENTS: [&str; 5] = [
     "dispatcher queued→assigned",
     "dispatcher assigned→runner `running`",
     "runner `running`→`job finished` minus steps (checkout, spec, process start/drain)",
-    "runner `job finished`→dispatcher `result written` line",
-    "dispatcher `result written` line→json seen (write_result: fsync, rename, dir fsync)",
+    "runner `job finished`→dispatcher `result recorded` line",
+    "dispatcher `result recorded` line→json seen (write_result: fsync, rename, dir fsync)",
 ];
 
 /// The overhead segments of one commit, from the logs.
@@ -707,7 +707,7 @@ fn segments(
     let assigned = find(d, "assigned")?;
     let running = find(r, "running")?;
     let finished = find(r, "job finished")?;
-    let written = find(d, "result written")?;
+    let written = find(d, "result recorded")?;
     Some([
         ms_between(queued, assigned),
         ms_between(assigned, running),

@@ -7,6 +7,7 @@
 //! The wire format lives in the `tinyci-proto` crate.
 
 pub mod dispatcher;
+pub mod exit;
 pub mod git;
 pub mod lock;
 pub mod logging;

@@ -85,6 +85,48 @@ pub enum NetError {
         /// Why.
         source: std::io::Error,
     },
+    /// The token file or `TINYCI_TOKEN` is empty: authentication would silently be off.
+    #[error("{0} is empty; put the shared secret in it, or do not set it to run without a token")]
+    EmptyToken(String),
+}
+
+impl NetError {
+    /// Whether retrying cannot help: the peer refused our hello (token, version, role), it
+    /// is not a tinyci server, or our own token setting is unusable. Connection failures
+    /// and timeouts are transient.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            NetError::Handshake { source, .. } => source.is_permanent(),
+            NetError::TokenFile { .. } | NetError::EmptyToken(_) => true,
+            NetError::Connect { .. }
+            | NetError::ConnectTimeout(_)
+            | NetError::NoFreePort { .. } => false,
+        }
+    }
+}
+
+/// Checks that `s` is `HOST:PORT` (a name, an IPv4 address or a bracketed IPv6 address,
+/// and a port from 1 to 65535): a peer address given on the command line. Whether the
+/// name resolves is not checked here — a name that does not resolve yet (a container
+/// that has not started) is worth retrying.
+pub fn parse_peer_addr(s: &str) -> Result<String, String> {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("{s:?} has no port: write HOST:PORT, e.g. {s}:8888"));
+    };
+    if host.is_empty() {
+        return Err(format!(
+            "{s:?} has no host: write HOST:PORT, e.g. localhost{s}"
+        ));
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err(format!(
+            "{s:?}: write an IPv6 address in brackets, e.g. [::1]:8888"
+        ));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(s.to_owned()),
+        _ => Err(format!("{s:?}: {port:?} is not a port (1-65535)")),
+    }
 }
 
 /// Connects to `addr`, says hello as `role` with `token`, and returns the ready connection.
@@ -153,20 +195,47 @@ pub fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
     Ok(lo..=hi)
 }
 
-/// The shared secret: `--token-file` if given, else `TINYCI_TOKEN`, else none.
+/// The environment variable that holds the shared secret when no `--token-file` is given.
+pub const TOKEN_ENV: &str = "TINYCI_TOKEN";
+
+/// The shared secret: `--token-file` if given, else `TINYCI_TOKEN`, else none. An empty
+/// (or blank) file or variable, and an unreadable file, are errors: either would otherwise
+/// turn authentication off without a word.
 pub fn load_token(token_file: Option<&Path>) -> Result<Option<String>, NetError> {
+    load_token_from(token_file, std::env::var_os(TOKEN_ENV))
+}
+
+fn load_token_from(
+    token_file: Option<&Path>,
+    env: Option<std::ffi::OsString>,
+) -> Result<Option<String>, NetError> {
     if let Some(path) = token_file {
-        let text = std::fs::read_to_string(path).map_err(|source| NetError::TokenFile {
+        let bad = |source| NetError::TokenFile {
             path: path.display().to_string(),
             source,
-        })?;
-        let t = text.trim().to_owned();
-        return Ok((!t.is_empty()).then_some(t));
+        };
+        let text = std::fs::read_to_string(path).map_err(bad)?;
+        let t = text.trim();
+        if t.is_empty() {
+            return Err(NetError::EmptyToken(format!(
+                "token file {}",
+                path.display()
+            )));
+        }
+        return Ok(Some(t.to_owned()));
     }
-    Ok(std::env::var("TINYCI_TOKEN")
-        .ok()
-        .map(|t| t.trim().to_owned())
-        .filter(|t| !t.is_empty()))
+    let Some(value) = env else {
+        return Ok(None);
+    };
+    let value = value.into_string().map_err(|_| NetError::TokenFile {
+        path: format!("${TOKEN_ENV}"),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not valid UTF-8"),
+    })?;
+    let t = value.trim();
+    if t.is_empty() {
+        return Err(NetError::EmptyToken(format!("${TOKEN_ENV}")));
+    }
+    Ok(Some(t.to_owned()))
 }
 
 /// Exponential backoff between reconnect attempts, with a little jitter so a pool of
@@ -240,6 +309,58 @@ mod tests {
             assert_eq!(sock.tcp_user_timeout().unwrap(), Some(USER_TIMEOUT));
             assert!(s.nodelay().unwrap());
         }
+    }
+
+    #[test]
+    fn peer_addresses_need_a_host_and_a_port() {
+        for good in [
+            "localhost:8888",
+            "127.0.0.1:1",
+            "[::1]:8888",
+            "ci.example.com:65535",
+        ] {
+            assert_eq!(parse_peer_addr(good).as_deref(), Ok(good));
+        }
+        let e = parse_peer_addr("localhost").unwrap_err();
+        assert!(e.contains("no port") && e.contains("localhost:8888"), "{e}");
+        for bad in [
+            ":8888",
+            "localhost:",
+            "localhost:0",
+            "localhost:99999",
+            "::1:8888",
+            "h:p",
+        ] {
+            assert!(parse_peer_addr(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn empty_or_unreadable_tokens_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "  s3cret\n").unwrap();
+        assert_eq!(
+            load_token_from(Some(&file), Some("ignored".into())).unwrap(),
+            Some("s3cret".into())
+        );
+        std::fs::write(&file, " \n").unwrap();
+        let e = load_token_from(Some(&file), None).unwrap_err();
+        assert!(
+            matches!(e, NetError::EmptyToken(_)) && e.is_permanent(),
+            "{e}"
+        );
+        assert!(e.to_string().contains("is empty"), "{e}");
+        let missing = dir.path().join("missing");
+        let e = load_token_from(Some(&missing), None).unwrap_err();
+        assert!(matches!(e, NetError::TokenFile { .. }), "{e}");
+        let e = load_token_from(None, Some("".into())).unwrap_err();
+        assert!(e.to_string().contains("$TINYCI_TOKEN is empty"), "{e}");
+        assert_eq!(load_token_from(None, None).unwrap(), None);
+        assert_eq!(
+            load_token_from(None, Some(" t ".into())).unwrap(),
+            Some("t".into())
+        );
     }
 
     #[test]

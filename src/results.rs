@@ -64,8 +64,14 @@ pub fn write_results(dir: &Path, results: &[ResultFile]) -> io::Result<()> {
         let tmp = state.join(format!("{}.json.tmp", result.commit));
         let mut body = serde_json::to_vec_pretty(result).map_err(io::Error::other)?;
         body.push(b'\n');
-        File::create(&tmp)?.write_all(&body)?;
-        fs::rename(&tmp, json_path(dir, &result.commit))?;
+        let written = File::create(&tmp)
+            .and_then(|mut f| f.write_all(&body))
+            .and_then(|()| fs::rename(&tmp, json_path(dir, &result.commit)));
+        if let Err(e) = written {
+            // A full disk leaves a partial temp file: free its space for the retry.
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
     }
     Ok(())
 }

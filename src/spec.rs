@@ -28,7 +28,8 @@ pub struct Spec {
 pub struct Step {
     /// Short name, used as the output prefix `[name]`.
     pub name: String,
-    /// Run with `sh -c` in the checkout.
+    /// Run with `sh -e -c` in the checkout (a multi-line script stops at its first failing
+    /// command).
     pub run: String,
     /// The whole process group is killed past this.
     pub timeout: Duration,

@@ -177,7 +177,7 @@ fn killed_runner_job_reruns_on_another_runner() -> Result<()> {
     assert!(c.dispatcher().log().contains("runner lost mid-job"));
     assert_eq!(
         c.dispatcher()
-            .count(&["result written", &format!("commit={sha}")]),
+            .count(&["result recorded", &format!("commit={sha}")]),
         1
     );
     let log = c.log_text(&sha);

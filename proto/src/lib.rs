@@ -105,9 +105,53 @@ pub enum ProtoError {
     /// The peer sent a well-formed message that is wrong at this point of the conversation.
     #[error("protocol violation: {0}")]
     Violation(String),
-    /// The other side refused our hello.
+    /// The peer ended the conversation with an error frame after the handshake.
     #[error("refused by peer: {0}")]
     Refused(String),
+    /// The other side refused our hello. A hello is only ever refused for something that
+    /// will not change by retrying (version, role, token), so this is permanent.
+    #[error("the peer refused our hello: {0}")]
+    HelloRefused(String),
+    /// The peer answered our hello with something that is not a tinyci hello reply: it is
+    /// some other kind of server (HTTP, SSH…).
+    #[error("the peer is not a tinyci server (it answered {0})")]
+    NotTinyci(String),
+}
+
+impl ProtoError {
+    /// Whether retrying cannot help: the peer refused our hello, or is not a tinyci peer at
+    /// all. Everything else (a closed or slow connection, a bad frame mid-conversation) may
+    /// be over on the next connection.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            ProtoError::HelloRefused(_)
+                | ProtoError::NotTinyci(_)
+                | ProtoError::VersionMismatch { .. }
+                | ProtoError::BadMagic(_)
+        )
+    }
+}
+
+/// What the accepting side learned from a hello it welcomed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Greeting {
+    /// The peer's role.
+    pub role: Role,
+    /// Whether the hello carried a token (worth a warning when this side expects none).
+    pub presented_token: bool,
+}
+
+/// Shows the first bytes a peer sent, printable where they are text (`"HTTP/1.1 400 …"`).
+fn show_first_bytes(bytes: &[u8]) -> String {
+    const SHOWN: usize = 40;
+    if bytes.is_empty() {
+        return "with an unreadable frame".into();
+    }
+    let head = &bytes[..bytes.len().min(SHOWN)];
+    let text: String = head.escape_ascii().to_string();
+    let more = if bytes.len() > SHOWN { "…" } else { "" };
+    format!("\"{text}{more}\"")
 }
 
 impl From<io::Error> for ProtoError {
@@ -232,12 +276,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             token: token.to_owned(),
         };
         self.send(&hello).await?;
-        match self
-            .recv_within(HANDSHAKE_TIMEOUT, "the hello reply")
-            .await?
-        {
-            HelloReply::Welcome { .. } => Ok(()),
-            HelloReply::Refused { reason } => Err(ProtoError::Refused(reason)),
+        match self.recv_within(HANDSHAKE_TIMEOUT, "the hello reply").await {
+            Ok(HelloReply::Welcome { .. }) => Ok(()),
+            Ok(HelloReply::Refused { reason }) => Err(ProtoError::HelloRefused(reason)),
+            // A tinyci peer of any version answers with a well-formed reply (its layout is
+            // frozen), so anything else is another kind of server. Its bytes are still in
+            // the read buffer when the length prefix was absurd (the usual case: text).
+            Err(ProtoError::FrameTooLarge | ProtoError::Decode(_)) => Err(ProtoError::NotTinyci(
+                show_first_bytes(self.framed.read_buffer()),
+            )),
+            Err(e) => Err(e),
         }
     }
 
@@ -249,22 +297,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         served: &[Role],
         token: Option<&str>,
     ) -> Result<Role, ProtoError> {
+        self.accept_hello(served, token).await.map(|g| g.role)
+    }
+
+    /// [`Connection::server_handshake`], also saying whether the peer presented a token.
+    pub async fn accept_hello(
+        &mut self,
+        served: &[Role],
+        token: Option<&str>,
+    ) -> Result<Greeting, ProtoError> {
         let verdict = match self
             .recv_within::<Hello>(HANDSHAKE_TIMEOUT, "the hello")
             .await
         {
-            Ok(hello) => check_hello(&hello, served, token),
+            Ok(hello) => check_hello(&hello, served, token).map(|role| Greeting {
+                role,
+                presented_token: !hello.token.is_empty(),
+            }),
             Err(e @ (ProtoError::Decode(_) | ProtoError::FrameTooLarge)) => Err(e),
             // Nothing readable arrived, so there is nobody to explain anything to.
             Err(e) => return Err(e),
         };
         match verdict {
-            Ok(role) => {
+            Ok(greeting) => {
                 self.send(&HelloReply::Welcome {
                     version: PROTOCOL_VERSION,
                 })
                 .await?;
-                Ok(role)
+                Ok(greeting)
             }
             Err(e) => {
                 let reason = e.to_string();

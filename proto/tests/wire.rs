@@ -387,3 +387,66 @@ proptest! {
         feed(&framed);
     }
 }
+
+#[tokio::test]
+async fn an_http_server_is_named_as_not_tinyci_with_its_first_bytes() {
+    let (a, mut b) = duplex(4096);
+    let server = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = [0u8; 256];
+        let _ = b.read(&mut buf).await;
+        b.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        b
+    });
+    let mut a = Connection::new(a);
+    let e = a.client_handshake(Role::Runner, "").await.unwrap_err();
+    assert!(matches!(e, ProtoError::NotTinyci(_)), "{e:?}");
+    assert!(e.is_permanent());
+    let text = e.to_string();
+    assert!(text.contains("not a tinyci server"), "{text}");
+    assert!(text.contains("HTTP/1.1 400 Bad Request"), "{text}");
+    assert!(!text.contains("byte limit"), "{text}");
+    drop(server.await.unwrap());
+}
+
+#[tokio::test]
+async fn a_refused_hello_is_permanent_and_a_closed_connection_is_not() {
+    let (a, b) = duplex(4096);
+    let server = tokio::spawn(async move {
+        let mut b = Connection::new(b);
+        b.server_handshake(&[Role::Observer], Some("right")).await
+    });
+    let mut a = Connection::new(a);
+    let e = a
+        .client_handshake(Role::Observer, "wrong")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ProtoError::HelloRefused(_)), "{e:?}");
+    assert!(e.is_permanent());
+    assert!(e.to_string().contains("token"), "{e}");
+    assert!(server.await.unwrap().is_err());
+
+    let (a, b) = duplex(4096);
+    drop(b);
+    let mut a = Connection::new(a);
+    let e = a.client_handshake(Role::Observer, "").await.unwrap_err();
+    assert!(!e.is_permanent(), "{e:?}");
+}
+
+#[tokio::test]
+async fn accept_hello_says_whether_a_token_was_presented() {
+    for token in ["", "unexpected"] {
+        let (a, b) = duplex(4096);
+        let client = tokio::spawn(async move {
+            let mut a = Connection::new(a);
+            a.client_handshake(Role::Runner, token).await
+        });
+        let mut b = Connection::new(b);
+        let g = b.accept_hello(&[Role::Runner], None).await.unwrap();
+        assert_eq!(g.role, Role::Runner);
+        assert_eq!(g.presented_token, !token.is_empty());
+        client.await.unwrap().unwrap();
+    }
+}

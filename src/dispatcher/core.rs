@@ -133,9 +133,15 @@ struct LogSink {
     /// finds where this attempt's output starts.
     header: String,
     file: Option<File>,
-    /// Bytes of the attempt's output written so far.
+    /// The header could not be written whole: the next open writes it again, on a line of
+    /// its own.
+    header_torn: bool,
+    /// Bytes of the attempt's output received so far (written, or lost and marked).
     written: u64,
     truncated: bool,
+    /// Output that could not be written since the last write that worked: how many bytes,
+    /// and why. Said in the log as soon as writing works again.
+    lost: Option<(u64, String)>,
 }
 
 /// The text that ends an attempt's header line.
@@ -159,8 +165,10 @@ impl LogSink {
                 header_tail(job)
             ),
             file: None,
+            header_torn: false,
             written: 0,
             truncated: false,
+            lost: None,
         }
     }
 
@@ -193,49 +201,83 @@ impl LogSink {
                 .create(true)
                 .append(true)
                 .open(&self.path)?;
-            f.write_all(self.header.as_bytes())?;
+            let header = if self.header_torn {
+                format!("\n{}", self.header)
+            } else {
+                self.header.clone()
+            };
+            // Until the header is whole, nothing of the attempt may follow it.
+            self.header_torn = true;
+            f.write_all(header.as_bytes())?;
+            self.header_torn = false;
             self.file = Some(f);
         }
         Ok(self.file.as_mut().expect("just opened"))
     }
 
+    /// Writes `bytes`, first saying in the log what was lost since the last write that
+    /// worked. A failure (a full disk) is never an error of the caller's: the `counted`
+    /// bytes of the attempt's output (0 for tinyci's own lines) are counted as lost, and
+    /// the log says so once writing works again.
+    fn write(&mut self, bytes: &[u8], counted: u64) {
+        let res = (|| {
+            if let Some((n, why)) = self.lost.clone() {
+                let line = format!(
+                    "\n[tinyci] log truncated: {n} bytes of output were lost here (writing the log failed: {why})\n"
+                );
+                self.file()?.write_all(line.as_bytes())?;
+                self.lost = None;
+                info!(commit = %self.commit, lost_bytes = n, "the log is writable again; the gap is marked in it");
+            }
+            self.file()?.write_all(bytes)
+        })();
+        if let Err(e) = res {
+            match &mut self.lost {
+                Some((n, _)) => *n += counted,
+                None => {
+                    warn!(commit = %self.commit, error = %e, "cannot write the log; output is dropped (and the gap marked) until writing works again");
+                    self.lost = Some((counted, e.to_string()));
+                }
+            }
+        }
+    }
+
     /// Appends the part of `data` (starting at `offset` of the attempt's output) that is new.
-    fn append(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+    fn append(&mut self, offset: u64, data: &[u8]) {
         // The offset comes from the network: one that cannot be real is dropped.
         let Some(end) = offset.checked_add(data.len() as u64) else {
-            return Ok(());
+            return;
         };
         if end <= self.written {
-            return Ok(()); // a resend of what we have
+            return; // a resend of what we have
         }
         if offset > self.written {
             let gap = offset - self.written;
-            self.file()?.write_all(
+            self.write(
                 format!("\n[tinyci] {gap} bytes of output were lost here\n").as_bytes(),
-            )?;
+                0,
+            );
             self.written = offset;
         }
         let new = &data[(self.written - offset) as usize..];
         if self.truncated {
             self.written = end;
-            return Ok(());
+            return;
         }
         let room = MAX_LOG_BYTES.saturating_sub(self.written) as usize;
         if new.len() > room {
-            self.file()?.write_all(&new[..room])?;
-            self.file()?
-                .write_all(b"\n[tinyci] output truncated by the dispatcher\n")?;
+            let mut last = new[..room].to_vec();
+            last.extend_from_slice(b"\n[tinyci] output truncated by the dispatcher\n");
+            self.write(&last, room as u64);
             self.truncated = true;
         } else {
-            self.file()?.write_all(new)?;
+            self.write(new, new.len() as u64);
         }
         self.written = end;
-        Ok(())
     }
 
-    fn note(&mut self, line: &str) -> io::Result<()> {
-        self.file()?
-            .write_all(format!("[tinyci] {line}\n").as_bytes())
+    fn note(&mut self, line: &str) {
+        self.write(format!("[tinyci] {line}\n").as_bytes(), 0);
     }
 }
 
@@ -248,31 +290,32 @@ struct Batch {
     results: Vec<ResultFile>,
     /// Result acknowledgements to runners: (runner, job, accepted).
     result_acks: Vec<(RunnerId, JobId, bool)>,
+    /// The attempt and runner each reported result came from, for the log line that says
+    /// it is recorded.
+    reported_by: HashMap<CommitId, (JobId, RunnerId)>,
 }
 
 /// Writes result files on a thread of its own, so the core never waits on creating a
 /// file. It is handed results only after the journal holds them durably: if the process
 /// dies before a file is written, the next start rewrites it from the journal.
+///
+/// A file that cannot be written (a full disk) is retried, with backoff, until it is —
+/// no restart needed. `result written` is logged once the file is in place, never before.
 struct ResultWriter {
     tx: Option<std::sync::mpsc::Sender<Vec<ResultFile>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
+
+/// The shortest and the longest wait before a failed result file is tried again.
+const RESULT_RETRY_MIN: Duration = Duration::from_millis(100);
+const RESULT_RETRY_MAX: Duration = Duration::from_secs(2);
 
 impl ResultWriter {
     fn start(dir: PathBuf) -> io::Result<ResultWriter> {
         let (tx, rx) = std::sync::mpsc::channel::<Vec<ResultFile>>();
         let thread = std::thread::Builder::new()
             .name("result-writer".into())
-            .spawn(move || {
-                while let Ok(mut batch) = rx.recv() {
-                    for more in rx.try_iter() {
-                        batch.extend(more);
-                    }
-                    if let Err(e) = results::write_results(&dir, &batch) {
-                        tracing::error!(error = %e, results = batch.len(), "cannot write result files (they are in the journal; a restart writes them)");
-                    }
-                }
-            })?;
+            .spawn(move || write_results_until_written(&dir, &rx))?;
         Ok(ResultWriter {
             tx: Some(tx),
             thread: Some(thread),
@@ -289,6 +332,55 @@ impl ResultWriter {
     }
 }
 
+/// The result writer's loop: writes what it is handed, keeps what failed and tries it
+/// again (backing off to [`RESULT_RETRY_MAX`]) until written or the channel closes.
+fn write_results_until_written(dir: &std::path::Path, rx: &Receiver<Vec<ResultFile>>) {
+    let mut failed: Vec<ResultFile> = Vec::new();
+    // Warned about once each, not at every retry.
+    let mut warned: std::collections::HashSet<CommitId> = std::collections::HashSet::new();
+    let mut delay = RESULT_RETRY_MIN;
+    loop {
+        let more = if failed.is_empty() {
+            rx.recv().ok()
+        } else {
+            match rx.recv_timeout(delay) {
+                Ok(batch) => Some(batch),
+                Err(RecvTimeoutError::Timeout) => Some(Vec::new()),
+                Err(RecvTimeoutError::Disconnected) => None,
+            }
+        };
+        let stopping = more.is_none();
+        let mut todo = std::mem::take(&mut failed);
+        todo.extend(more.into_iter().flatten());
+        todo.extend(rx.try_iter().flatten());
+        for result in todo {
+            match results::write_results(dir, std::slice::from_ref(&result)) {
+                Ok(()) => {
+                    let retried = warned.remove(&result.commit);
+                    info!(commit = %result.commit, retried, "result file written");
+                }
+                Err(e) => {
+                    if warned.insert(result.commit.clone()) {
+                        warn!(commit = %result.commit, error = %e, "cannot write the result file; it is in the journal, and retried until written");
+                    }
+                    failed.push(result);
+                }
+            }
+        }
+        if stopping {
+            if !failed.is_empty() {
+                tracing::error!(results = failed.len(), "result files still unwritten at shutdown; they are in the journal, and the next start writes them");
+            }
+            return;
+        }
+        delay = if failed.is_empty() {
+            RESULT_RETRY_MIN
+        } else {
+            (delay * 2).min(RESULT_RETRY_MAX)
+        };
+    }
+}
+
 impl Drop for ResultWriter {
     /// Writes everything handed over before the dispatcher stops.
     fn drop(&mut self) {
@@ -297,6 +389,11 @@ impl Drop for ResultWriter {
             let _ = t.join();
         }
     }
+}
+
+/// What an observer is told while the journal cannot be written.
+fn submissions_refused(why: &dyn std::fmt::Display) -> String {
+    format!("the dispatcher cannot record new commits now (writing its journal failed: {why}); keep them and submit again later")
 }
 
 /// The core's state.
@@ -310,7 +407,20 @@ pub struct Core {
     /// When restored attempts that no runner has adopted go back to the queue.
     orphan_deadline: Option<Instant>,
     writer: ResultWriter,
+    /// Why the journal cannot be written now (a full disk…), while that lasts: new
+    /// submissions are refused with this reason, no new work is handed out, and the sync
+    /// is retried every [`JOURNAL_RETRY`].
+    journal_trouble: Option<String>,
+    /// Results (and their acknowledgements to runners) journaled but not yet durable,
+    /// held until a sync succeeds.
+    unsynced: Batch,
+    /// Logs of ended attempts that lost output and could not say so yet: the line that
+    /// marks the gap is written as soon as writing works again.
+    torn_logs: Vec<LogSink>,
 }
+
+/// How often a journal that cannot be written is tried again.
+pub const JOURNAL_RETRY: Duration = Duration::from_millis(500);
 
 impl Core {
     /// A core over an opened journal, with the finished commits and the journal's pending
@@ -334,6 +444,9 @@ impl Core {
             next_runner: 1,
             orphan_deadline: None,
             writer,
+            journal_trouble: None,
+            unsynced: Batch::default(),
+            torn_logs: Vec::new(),
         };
         for c in finished {
             core.sched.mark_finished(c);
@@ -371,16 +484,56 @@ impl Core {
                 running, "restored unfinished commits from the journal"
             );
         }
-        core.journal
-            .sync()
-            .map_err(storage("syncing the journal"))?;
+        if let Err(e) = core.journal.sync() {
+            core.journal_failed(&e);
+        }
         Ok(core)
+    }
+
+    /// Closes the log of an attempt that ended; one that still owes its reader a line about
+    /// lost output is kept until that line is written.
+    fn retire_log(&mut self, sink: LogSink) {
+        if sink.lost.is_some() {
+            self.torn_logs.push(sink);
+        }
+    }
+
+    /// Tries again to mark the gaps in the logs of ended attempts.
+    fn mend_torn_logs(&mut self) {
+        self.torn_logs.retain_mut(|sink| {
+            sink.write(b"", 0);
+            sink.lost.is_some()
+        });
+    }
+
+    /// Notes that the journal cannot be written: logged once, until it works again.
+    fn journal_failed(&mut self, e: &io::Error) {
+        if self.journal_trouble.is_none() {
+            tracing::error!(error = %e, retry_every = ?JOURNAL_RETRY, "cannot write the journal: refusing new submissions and holding new work until it works again");
+        }
+        self.journal_trouble = Some(e.to_string());
+    }
+
+    /// Notes that the journal was written (and synced) again.
+    fn journal_works(&mut self) {
+        if let Some(was) = self.journal_trouble.take() {
+            info!(was, "the journal is writable again; accepting submissions");
+        }
     }
 
     /// Runs until [`Event::Shutdown`] or until every sender is gone.
     pub fn run(mut self, rx: Receiver<Event>) -> Result<(), StorageError> {
         loop {
-            let first = match self.orphan_deadline {
+            // A journal in trouble is retried even when no event comes.
+            let retry = (self.journal_trouble.is_some()
+                || self.journal.has_pending()
+                || !self.torn_logs.is_empty())
+            .then(|| Instant::now() + JOURNAL_RETRY);
+            let wake = match (self.orphan_deadline, retry) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let first = match wake {
                 Some(deadline) => {
                     match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                         Ok(ev) => Some(ev),
@@ -411,17 +564,23 @@ impl Core {
             // was taken before it is handed the next job); the result files and log files,
             // the slow part on some disks, come last, while the runners already work.
             let results = self.commit(batch)?;
-            self.dispatch()?;
-            // The assignments' journal lines must not wait in our buffer for the next
-            // batch: a kill -9 now would lose them, and with them the adoption of these jobs.
-            self.journal
-                .flush()
-                .map_err(storage("writing the journal"))?;
+            // No new work while the journal cannot record it: a runner whose result is
+            // not yet acknowledged must not be handed another job.
+            if self.journal_trouble.is_none() {
+                self.dispatch()?;
+                // The assignments' journal lines must not wait in our memory for the next
+                // batch: a kill -9 now would lose them, and with them the adoption of these
+                // jobs.
+                if let Err(e) = self.journal.flush() {
+                    self.journal_failed(&e);
+                }
+            }
             self.writer.write(results);
+            self.mend_torn_logs();
             if stop {
-                self.journal
-                    .sync()
-                    .map_err(storage("syncing the journal"))?;
+                if let Err(e) = self.journal.sync() {
+                    tracing::error!(error = %e, "stopping with journal records unwritten: unacknowledged results will be reported again by their runners, or run again");
+                }
                 return Ok(());
             }
         }
@@ -429,6 +588,10 @@ impl Core {
 
     /// Makes a batch durable — its journal lines, results included, and one journal sync —
     /// and only then lets its acknowledgements out. Returns the result files to write.
+    ///
+    /// If the sync fails, the observers are told their commits were not accepted (they
+    /// keep them and submit again), and the results and their acknowledgements are held
+    /// until a later sync succeeds: nothing is acknowledged that is not durable.
     fn commit(&mut self, batch: Batch) -> Result<Vec<ResultFile>, StorageError> {
         for r in &batch.results {
             self.journal
@@ -438,24 +601,51 @@ impl Core {
                 })
                 .map_err(storage("journaling a result"))?;
         }
-        self.journal
-            .sync()
-            .map_err(storage("syncing the journal"))?;
+        self.unsynced.results.extend(batch.results);
+        self.unsynced.result_acks.extend(batch.result_acks);
+        self.unsynced.reported_by.extend(batch.reported_by);
+        if let Err(e) = self.journal.sync() {
+            self.journal_failed(&e);
+            let reason = submissions_refused(&e);
+            for (reply, msg) in batch.acks {
+                let answer = match msg {
+                    FromDispatcher::Submitted { .. } => FromDispatcher::Error {
+                        reason: reason.clone(),
+                    },
+                    refusal => refusal,
+                };
+                let _ = reply.send(answer);
+            }
+            return Ok(Vec::new());
+        }
+        self.journal_works();
         for (reply, msg) in batch.acks {
             let _ = reply.send(msg);
         }
-        for (runner, job, accepted) in batch.result_acks {
+        let held = std::mem::take(&mut self.unsynced);
+        for r in &held.results {
+            if let Some((job, runner)) = held.reported_by.get(&r.commit) {
+                info!(commit = %r.commit, status = ?r.status, runner = %runner, attempts = r.attempts, job = %job, "result recorded");
+            }
+        }
+        for (runner, job, accepted) in held.result_acks {
             if let Some(tx) = self.runners.get(&runner) {
                 let _ = tx.send(FromDispatcher::ResultAck { job, accepted });
             }
         }
-        Ok(batch.results)
+        Ok(held.results)
     }
 
     fn handle(&mut self, ev: Event, batch: &mut Batch) -> Result<(), StorageError> {
         let now = SystemTime::now();
         match ev {
             Event::Submit { commits, reply } => {
+                if let Some(why) = &self.journal_trouble {
+                    let reason = submissions_refused(why);
+                    warn!(commits = commits.len(), reason, "submission refused");
+                    batch.acks.push((reply, FromDispatcher::Error { reason }));
+                    return Ok(());
+                }
                 let (mut queued, mut known) = (0u32, 0u32);
                 for commit in commits {
                     if self.sched.submit(commit.clone(), now) {
@@ -563,8 +753,7 @@ impl Core {
                     return Ok(());
                 }
                 if let Some(sink) = self.logs.get_mut(&job) {
-                    sink.append(offset, &data)
-                        .map_err(storage(format!("appending to the log of {}", sink.commit)))?;
+                    sink.append(offset, &data);
                 }
             }
             Event::Done {
@@ -584,13 +773,16 @@ impl Core {
                     Some(result) => {
                         if let Some(mut sink) = self.logs.remove(&job) {
                             if sink.written < log_len {
-                                let _ = sink.note(&format!(
+                                sink.note(&format!(
                                     "{} bytes of output never arrived",
                                     log_len - sink.written
                                 ));
                             }
+                            self.retire_log(sink);
                         }
-                        info!(commit = %result.commit, status = ?result.status, runner = %runner, attempts = result.attempts, job = %job, "result written");
+                        batch
+                            .reported_by
+                            .insert(result.commit.clone(), (job, runner));
                         batch.results.push(result);
                     }
                     None => {
@@ -659,12 +851,13 @@ impl Core {
                 failure,
             } => {
                 if let Some(mut sink) = self.logs.remove(&job) {
-                    let _ = sink.note(&format!(
+                    sink.note(&format!(
                         "attempt {} ended without a result: {}; the commit goes back to the front of the queue{}",
                         failure.attempt,
                         failure.reason,
                         if failure.counted { "" } else { " (not counted as an attempt)" }
                     ));
+                    self.retire_log(sink);
                 }
                 self.journal
                     .append(&Record::Returned {
@@ -679,10 +872,11 @@ impl Core {
             }
             Lost::GaveUp { job, result } => {
                 if let Some(mut sink) = self.logs.remove(&job) {
-                    let _ = sink.note(&format!(
+                    sink.note(&format!(
                         "giving up: {}",
                         result.error.as_deref().unwrap_or("")
                     ));
+                    self.retire_log(sink);
                 }
                 batch.results.push(result);
             }
@@ -726,11 +920,11 @@ mod tests {
         let commit = CommitId::parse(&"c".repeat(40)).unwrap();
         let job = JobId::new();
         let mut sink = LogSink::new(dir.path(), &commit, &job, 1, "r:1");
-        sink.append(0, b"one\n").unwrap();
-        sink.append(0, b"one\ntwo\n").unwrap(); // a resend overlapping what we have
-        sink.append(8, b"three\n").unwrap();
-        sink.append(u64::MAX - 1, b"hostile").unwrap(); // would overflow
-        sink.append(u64::MAX, b"").unwrap();
+        sink.append(0, b"one\n");
+        sink.append(0, b"one\ntwo\n"); // a resend overlapping what we have
+        sink.append(8, b"three\n");
+        sink.append(u64::MAX - 1, b"hostile"); // would overflow
+        sink.append(u64::MAX, b"");
         drop(sink);
         let text = std::fs::read_to_string(results::log_path(dir.path(), &commit)).unwrap();
         assert!(
@@ -741,5 +935,75 @@ mod tests {
         // After a restart the attempt resumes where the file ends.
         let again = LogSink::resume(dir.path(), &commit, &job, 1, "r:1").unwrap();
         assert!(again.written >= 14, "{}", again.written);
+    }
+
+    #[test]
+    fn a_log_that_could_not_be_written_says_so_once_writing_works_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = CommitId::parse(&"d".repeat(40)).unwrap();
+        let path = results::log_path(dir.path(), &commit);
+        // The log file is /dev/full: every write fails with ENOSPC.
+        std::os::unix::fs::symlink("/dev/full", &path).unwrap();
+        let mut sink = LogSink::new(dir.path(), &commit, &JobId::new(), 1, "r:1");
+        sink.append(0, b"lost one\n");
+        sink.append(9, b"lost two\n");
+        sink.note("a note that is lost too");
+        assert_eq!(sink.lost.as_ref().map(|l| l.0), Some(18));
+        assert_eq!(sink.written, 18, "the runner is not asked to send it again");
+        // Space comes back.
+        std::fs::remove_file(&path).unwrap();
+        sink.append(18, b"kept\n");
+        drop(sink);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.starts_with("\n[tinyci] attempt 1 on runner r:1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("[tinyci] log truncated: 18 bytes of output were lost here (writing the log failed: No space left on device"),
+            "{text}"
+        );
+        assert!(text.ends_with(")\nkept\n"), "{text}");
+        assert!(!text.contains("lost one"), "{text}");
+    }
+
+    #[test]
+    fn a_result_file_that_failed_to_write_is_retried_until_written() {
+        let dir = tempfile::tempdir().unwrap();
+        results::prepare_dir(dir.path()).unwrap();
+        let commit = CommitId::parse(&"e".repeat(40)).unwrap();
+        // The temp file is /dev/full: the first write fails with ENOSPC (and the failed
+        // temp file is removed, as a partial one on a full disk would be).
+        let tmp = dir
+            .path()
+            .join(results::STATE_DIR)
+            .join(format!("{commit}.json.tmp"));
+        std::os::unix::fs::symlink("/dev/full", &tmp).unwrap();
+        let result = ResultFile {
+            commit: commit.clone(),
+            status: tinyci_proto::RunStatus::Success,
+            steps: Vec::new(),
+            runner: Some("r:1".into()),
+            attempts: 1,
+            queued_at: "2026-01-01T00:00:00.000Z".into(),
+            started_at: None,
+            finished_at: "2026-01-01T00:00:01.000Z".into(),
+            error: None,
+        };
+        assert!(results::write_results(dir.path(), std::slice::from_ref(&result)).is_err());
+        assert!(!tmp.exists() && !results::json_path(dir.path(), &commit).exists());
+        std::os::unix::fs::symlink("/dev/full", &tmp).unwrap();
+
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d = dir.path().to_owned();
+        let writer = std::thread::spawn(move || write_results_until_written(&d, &rx));
+        tx.send(vec![result.clone()]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while results::read_result(dir.path(), &commit).ok().as_ref() != Some(&result) {
+            assert!(Instant::now() < deadline, "never written");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(tx);
+        writer.join().unwrap();
     }
 }

@@ -7,10 +7,18 @@
 //! is replayed and rewritten with only the live commits (so it does not grow across
 //! restarts). A torn last line — the crash came mid-write — is ignored: the event it
 //! described was never acknowledged.
+//!
+//! Write failures (a full disk, an I/O error) are never fatal and never lose a record:
+//! appended records stay in memory until a sync has made them durable. A failed write is
+//! continued where it stopped; after a failed fsync — when the kernel may have dropped the
+//! pages it could not write — the file is cut back to its last durable length and every
+//! record since is written again. The caller sees the error, refuses what needs durability
+//! (new submissions) while it lasts, and retries.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -93,9 +101,16 @@ pub struct Pending {
 
 /// The open journal file.
 pub struct Journal {
-    /// Appends collect here; a batch reaches the file in one write at [`Journal::sync`].
-    file: io::BufWriter<File>,
-    dirty: bool,
+    file: File,
+    /// The length of the file known to be durable (synced).
+    durable_len: u64,
+    /// Records appended since `durable_len`, as they go to the file.
+    pending: Vec<u8>,
+    /// How much of `pending` is in the file (after `durable_len`).
+    written: usize,
+    /// The last sync failed: the file after `durable_len` cannot be trusted, and is cut
+    /// back and written again before the next sync.
+    rewrite: bool,
 }
 
 /// Milliseconds since the epoch.
@@ -173,37 +188,71 @@ impl Journal {
         }
         fs::rename(&tmp, &path)?;
         File::open(path.parent().unwrap_or(results_dir))?.sync_all()?;
-        let file = OpenOptions::new().append(true).open(&path)?;
-        Ok((
-            Journal {
-                file: io::BufWriter::with_capacity(1 << 20, file),
-                dirty: false,
-            },
-            pending,
-        ))
+        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        Ok((Journal::over(file)?, pending))
     }
 
-    /// Appends a record (durable only after [`Journal::sync`]).
+    /// A journal appending to `file`, whose current content is durable.
+    fn over(file: File) -> io::Result<Journal> {
+        let durable_len = file.metadata()?.len();
+        Ok(Journal {
+            file,
+            durable_len,
+            pending: Vec::with_capacity(1 << 16),
+            written: 0,
+            rewrite: false,
+        })
+    }
+
+    /// Appends a record in memory (durable only after [`Journal::sync`]). Fails only if
+    /// the record cannot be encoded; a full disk shows at [`Journal::flush`] or
+    /// [`Journal::sync`], and the record is kept until it is written.
     pub fn append(&mut self, rec: &Record) -> io::Result<()> {
-        write_line(&mut self.file, rec)?;
-        self.dirty = true;
-        Ok(())
+        write_line(&mut self.pending, rec)
     }
 
     /// Hands every appended record to the kernel (no fsync): it then survives a crash of
     /// the process, though not a power cut. For records whose loss would only cost a rerun.
+    /// On an error, what was not written stays pending and the next call continues.
     pub fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
-    }
-
-    /// Makes every appended record durable.
-    pub fn sync(&mut self) -> io::Result<()> {
-        if self.dirty {
-            self.file.flush()?;
-            self.file.get_ref().sync_data()?;
-            self.dirty = false;
+        if self.rewrite {
+            // The last fsync failed: what follows the durable part may be gone.
+            self.file.set_len(self.durable_len)?;
+            self.written = 0;
+            self.rewrite = false;
+        }
+        while self.written < self.pending.len() {
+            let at = self.durable_len + self.written as u64;
+            match self.file.write_at(&self.pending[self.written..], at) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
+    }
+
+    /// Makes every appended record durable. On an error nothing is lost: the records stay
+    /// pending, and the next call writes them again (all of them, after a failed fsync).
+    pub fn sync(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() && !self.rewrite {
+            return Ok(());
+        }
+        self.flush()?;
+        if let Err(e) = self.file.sync_data() {
+            self.rewrite = true;
+            return Err(e);
+        }
+        self.durable_len += self.pending.len() as u64;
+        self.pending.clear();
+        self.written = 0;
+        Ok(())
+    }
+
+    /// Whether records are waiting to be made durable.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty() || self.rewrite
     }
 }
 
@@ -480,6 +529,83 @@ mod tests {
         assert_eq!(pending.len(), 1, "only the torn one runs again");
         assert_eq!(pending[0].commit, c(3));
         assert!(!results::json_path(dir.path(), &c(3)).exists());
+    }
+
+    /// The journal file as a real file, whatever the journal was writing to before.
+    fn swap_to_real_file(j: &mut Journal, dir: &Path) -> std::path::PathBuf {
+        let path = dir.join("journal-after");
+        j.file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        j.durable_len = 0;
+        path
+    }
+
+    fn replayed(path: &Path) -> Vec<Pending> {
+        replay(BufReader::new(File::open(path).unwrap())).unwrap().0
+    }
+
+    #[test]
+    fn a_full_disk_loses_no_record_and_the_retry_writes_each_once() {
+        let dir = tempfile::tempdir().unwrap();
+        // Every write to /dev/full fails with ENOSPC.
+        let full = OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let mut j = Journal::over(full).unwrap();
+        j.durable_len = 0;
+        for n in 1..=3 {
+            j.append(&Record::Queued {
+                commit: c(n),
+                at_ms: 1,
+            })
+            .unwrap();
+        }
+        let e = j.sync().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+        assert!(j.has_pending());
+        assert!(j.flush().is_err(), "still full");
+        j.append(&Record::Queued {
+            commit: c(4),
+            at_ms: 1,
+        })
+        .unwrap();
+        // Space comes back.
+        let path = swap_to_real_file(&mut j, dir.path());
+        j.sync().unwrap();
+        assert!(!j.has_pending());
+        let got: Vec<_> = replayed(&path).into_iter().map(|p| p.commit).collect();
+        assert_eq!(got, vec![c(1), c(2), c(3), c(4)]);
+    }
+
+    #[test]
+    fn after_a_failed_fsync_everything_since_the_last_good_one_is_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        // Writes to /dev/null succeed, and fsync on it fails (EINVAL): as on a disk whose
+        // writeback failed, the written pages cannot be trusted.
+        let null = OpenOptions::new().write(true).open("/dev/null").unwrap();
+        let mut j = Journal::over(null).unwrap();
+        j.append(&Record::Queued {
+            commit: c(1),
+            at_ms: 1,
+        })
+        .unwrap();
+        j.flush().unwrap();
+        assert!(j.sync().is_err());
+        assert!(j.has_pending());
+        j.append(&Record::Queued {
+            commit: c(2),
+            at_ms: 1,
+        })
+        .unwrap();
+        let path = swap_to_real_file(&mut j, dir.path());
+        // What the failed attempt left after the durable part is cut away first.
+        std::fs::write(&path, b"{\"op\":\"queued\",\"commit\":\"gar").unwrap();
+        j.sync().unwrap();
+        let got: Vec<_> = replayed(&path).into_iter().map(|p| p.commit).collect();
+        assert_eq!(got, vec![c(1), c(2)], "each record exactly once");
     }
 
     #[test]

@@ -78,6 +78,8 @@ struct Ctx {
     events: mpsc::Sender<Event>,
     config: Config,
     shutdown: Shutdown,
+    /// Whether we already warned that a peer presented a token we do not check.
+    warned_unchecked_token: std::sync::atomic::AtomicBool,
 }
 
 /// Serves on `listener` until `shutdown` is cancelled (or storage fails).
@@ -125,6 +127,7 @@ pub async fn run(
         events: events.clone(),
         config,
         shutdown: shutdown.clone(),
+        warned_unchecked_token: std::sync::atomic::AtomicBool::new(false),
     });
     let addr = listener.local_addr().map_err(open_err)?;
     info!(addr = %addr, results = %dir.display(), "listening");
@@ -181,10 +184,20 @@ async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &Ctx) {
     crate::net::tune_stream(&stream);
     let mut conn = Connection::new(stream);
     let role = match conn
-        .server_handshake(&[Role::Observer, Role::Runner], ctx.config.token.as_deref())
+        .accept_hello(&[Role::Observer, Role::Runner], ctx.config.token.as_deref())
         .await
     {
-        Ok(role) => role,
+        Ok(greeting) => {
+            if greeting.presented_token
+                && ctx.config.token.is_none()
+                && !ctx
+                    .warned_unchecked_token
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                warn!(role = %greeting.role, "a peer presented a token, but this dispatcher has none and accepts anyone; set TINYCI_TOKEN or --token-file here too (warned once)");
+            }
+            greeting.role
+        }
         Err(e) => {
             warn!(error = %e, "handshake failed; connection closed");
             return;

@@ -55,6 +55,9 @@ pub enum ObserverError {
     /// The clone is unusable.
     #[error("{0}")]
     Repo(#[from] GitError),
+    /// The dispatcher refused us for good (token, protocol version), or is not one.
+    #[error("cannot work with the dispatcher: {0}")]
+    Dispatcher(#[source] net::NetError),
     /// The state file is unreadable or corrupt.
     #[error("state file {path}: {message}")]
     State {
@@ -143,7 +146,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), ObserverError
             };
         base = new_base;
         for batch in pending.chunks(MAX_BATCH) {
-            let Some(acked) = link.submit(batch).await else {
+            let Some(acked) = link
+                .submit(batch)
+                .await
+                .map_err(ObserverError::Dispatcher)?
+            else {
                 break;
             };
             let last = acked.clone();
@@ -196,50 +203,60 @@ struct Link {
 
 impl Link {
     /// Submits `batch` and returns its last commit once acknowledged; `None` if the
-    /// dispatcher cannot be reached now (a later poll retries).
-    async fn submit<'a>(&mut self, batch: &'a [CommitId]) -> Option<&'a CommitId> {
+    /// dispatcher cannot be reached now (a later poll retries); an error if it never will
+    /// be (it refused our hello, or is not a tinyci dispatcher).
+    async fn submit<'a>(
+        &mut self,
+        batch: &'a [CommitId],
+    ) -> Result<Option<&'a CommitId>, net::NetError> {
         // A kept connection may have died since the last poll: one immediate retry on a
         // fresh connection before backing off.
         for _ in 0..2 {
             let reused = self.conn.is_some();
             if !reused {
                 if Instant::now() < self.next_try {
-                    return None;
+                    return Ok(None);
                 }
                 match net::connect(&self.addr, Role::Observer, &self.token).await {
                     Ok(c) => {
                         info!(dispatcher = %self.addr, "connected to the dispatcher");
                         self.conn = Some(c);
                     }
+                    Err(e) if e.is_permanent() => return Err(e),
                     Err(e) => {
                         let delay = self.backoff.next_delay();
                         self.next_try = Instant::now() + delay;
                         warn!(error = %e, retry_in = ?delay, pending = batch.len(), "dispatcher unreachable; commits kept for the next try");
-                        return None;
+                        return Ok(None);
                     }
                 }
             }
-            let conn = self.conn.as_mut()?;
+            let Some(conn) = self.conn.as_mut() else {
+                return Ok(None);
+            };
             match exchange(conn, batch).await {
                 Ok((queued, known)) => {
                     // Only an answered submission proves the link: a dispatcher that
                     // accepts connections and then fails them must not be hammered.
                     self.backoff.reset();
                     info!(commits = batch.len(), queued, known, last = %batch[batch.len() - 1], "submitted");
-                    return batch.last();
+                    return Ok(batch.last());
+                }
+                Err(e) if reused => {
+                    // Most likely the kept connection died since the last poll.
+                    self.conn = None;
+                    warn!(error = %e, "submission failed on the kept connection; trying a new one");
                 }
                 Err(e) => {
                     self.conn = None;
-                    warn!(error = %e, "submission failed");
-                    if !reused {
-                        let delay = self.backoff.next_delay();
-                        self.next_try = Instant::now() + delay;
-                        return None;
-                    }
+                    let delay = self.backoff.next_delay();
+                    self.next_try = Instant::now() + delay;
+                    warn!(error = %e, retry_in = ?delay, pending = batch.len(), "submission not acknowledged; commits kept for the next try");
+                    return Ok(None);
                 }
             }
         }
-        None
+        Ok(None)
     }
 }
 

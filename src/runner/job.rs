@@ -3,21 +3,31 @@
 //! one [`JobEvent::Finished`] (the commit's verdict) or [`JobEvent::Infra`] (the job could
 //! not be carried out, for a reason that is not the commit's: the runner hands it back).
 //!
-//! Each step runs as `sh -c` in a process group of its own. When the step's shell exits,
-//! times out or the job is cancelled, the whole group is killed, so a step's forked
-//! children and daemons do not outlive it (a process that leaves the group with `setsid`
-//! escapes; that is documented in the README).
+//! Each step runs as `sh -e -c RUN` under a per-step supervisor ([`super::supervisor`]),
+//! in a process group of its own. When the step's shell exits, times out or the job is
+//! cancelled — or the runner dies, even by `kill -9` — the supervisor kills every process
+//! the step started (its group, and every descendant, `setsid` or not), so nothing of a
+//! step outlives it.
+//!
+//! A step sees the runner's environment without tinyci's own settings (`TINYCI_*`: the token
+//! above all) and without the variables that point git at another repository (`GIT_DIR`…),
+//! plus `CI`, `TINYCI_COMMIT`, `TINYCI_STEP` and [`CLONE_ENV`] ([`step_environment`]).
 
+use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tinyci_proto::{CommitId, RunReport, RunStatus, StepReport, StepStatus};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::ChildStdin;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
+use super::supervisor;
 use crate::git::{GitErrorKind, Workspace};
 use crate::spec::{self, Step};
 
@@ -29,7 +39,71 @@ pub const KILL_GRACE: Duration = Duration::from_secs(2);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A line longer than this is cut into pieces.
-const MAX_LINE: usize = 16 * 1024;
+pub const MAX_LINE: usize = 16 * 1024;
+
+/// How long a step's supervisor may take to exit once told to kill everything.
+const SUPERVISOR_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The runner's own binary, which becomes a step's supervisor (works even if the file was
+/// replaced or deleted since the runner started).
+const SELF_EXE: &str = "/proc/self/exe";
+
+/// What a step's supervisor is called in `ps`.
+const SUPERVISOR_NAME: &str = "tinyci-step-supervisor";
+
+/// The variables git uses to find a repository other than the one in the current
+/// directory (`git rev-parse --local-env-vars`, the list git itself clears when it enters a
+/// submodule). A step gets none of them, so `git` in a step works on the checkout.
+const GIT_LOCAL_ENV: &[&str] = &[
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+    "GIT_CONFIG",
+    "GIT_CONFIG_PARAMETERS",
+    "GIT_CONFIG_COUNT",
+    "GIT_OBJECT_DIRECTORY",
+    "GIT_DIR",
+    "GIT_WORK_TREE",
+    "GIT_IMPLICIT_WORK_TREE",
+    "GIT_GRAFT_FILE",
+    "GIT_INDEX_FILE",
+    "GIT_NO_REPLACE_OBJECTS",
+    "GIT_REPLACE_REF_BASE",
+    "GIT_PREFIX",
+    "GIT_SHALLOW_FILE",
+    "GIT_COMMON_DIR",
+];
+
+/// The environment of a step: `inherited` (the runner's) without any `TINYCI_*` variable
+/// (tinyci's own settings, the token above all) and without [`GIT_LOCAL_ENV`], plus
+/// `CI=true`, `TINYCI_COMMIT`, `TINYCI_STEP` and [`CLONE_ENV`].
+pub fn step_environment(
+    inherited: impl IntoIterator<Item = (OsString, OsString)>,
+    commit: &CommitId,
+    step: &str,
+    clone: &Path,
+) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = inherited
+        .into_iter()
+        .filter(|(k, _)| {
+            let key = k.as_encoded_bytes();
+            !key.starts_with(b"TINYCI_")
+                && key != b"CI"
+                && !GIT_LOCAL_ENV.iter().any(|g| g.as_bytes() == key)
+        })
+        .collect();
+    env.push(("CI".into(), "true".into()));
+    env.push(("TINYCI_COMMIT".into(), commit.as_str().into()));
+    env.push(("TINYCI_STEP".into(), step.into()));
+    env.push((CLONE_ENV.into(), clone.as_os_str().to_owned()));
+    env
+}
+
+/// Sends one control byte to a step's supervisor (a supervisor already gone needs none).
+async fn send_control(control: &mut Option<ChildStdin>, byte: u8) {
+    if let Some(pipe) = control.as_mut() {
+        let _ = pipe.write_all(&[byte]).await;
+        let _ = pipe.flush().await;
+    }
+}
 
 /// What a job reports while it runs.
 #[derive(Debug)]
@@ -252,7 +326,7 @@ enum End {
 }
 
 async fn run_step(
-    workdir: &std::path::Path,
+    workdir: &Path,
     commit: &CommitId,
     step: &Step,
     out: &Arc<Output>,
@@ -265,37 +339,40 @@ async fn run_step(
         exit_code,
         duration_ms: started.elapsed().as_millis() as u64,
     };
-    let mut cmd = tokio::process::Command::new("sh");
-    cmd.arg("-c")
+    // The step runs under a supervisor (see `supervisor`): the runner's own binary in a
+    // hidden mode, which kills every process of the step when the step ends, when told to,
+    // or when this runner dies.
+    let mut cmd = tokio::process::Command::new(SELF_EXE);
+    cmd.arg0(SUPERVISOR_NAME)
+        .arg(supervisor::ARG)
+        .args(["sh", "-e", "-c"])
         .arg(&step.run)
         .current_dir(workdir)
-        .env("CI", "true")
-        .env("TINYCI_COMMIT", commit.as_str())
-        .env("TINYCI_STEP", &step.name)
-        .env(CLONE_ENV, workdir)
-        .stdin(Stdio::null())
+        .env_clear()
+        .envs(step_environment(
+            std::env::vars_os(),
+            commit,
+            &step.name,
+            workdir,
+        ))
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
-    // which is async-signal-safe. If the runner dies (even by SIGKILL), the step's shell is
-    // killed with it; what the shell forked is swept by the next runner on this clone
-    // (`kill_leftovers`).
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
+        // Away from the runner's group, so a Ctrl-C meant for the runner does not reach
+        // the step behind its back; the runner stops steps through the control pipe.
+        .process_group(0);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            out.note(&format!("step {}: cannot start sh: {e}", step.name));
+            out.note(&format!(
+                "step {}: cannot start its supervisor: {e}",
+                step.name
+            ));
             return report(StepStatus::Failure, None);
         }
     };
-    let pgid = child.id().map(|p| p as libc::pid_t);
+    // The control pipe: closing it (also by our death) kills everything of the step.
+    let mut control = child.stdin.take();
     let prefix = format!("[{}] ", step.name).into_bytes();
     let mut readers = Vec::new();
     if let Some(r) = child.stdout.take() {
@@ -313,8 +390,9 @@ async fn run_step(
         _ = tokio::time::sleep(step.timeout) => End::TimedOut,
         _ = cancel.cancelled() => End::Cancelled,
     };
+    let mut asked_to_kill = false;
     if matches!(end, End::TimedOut | End::Cancelled) {
-        kill_group(pgid, libc::SIGTERM);
+        send_control(&mut control, supervisor::TERMINATE).await;
         if tokio::time::timeout(KILL_GRACE, child.wait())
             .await
             .is_err()
@@ -324,10 +402,36 @@ async fn run_step(
                 step.name
             ));
         }
+        asked_to_kill = true;
     }
-    // Whatever the step left running in its group (daemons, background jobs) ends with it.
-    kill_group(pgid, libc::SIGKILL);
-    let _ = child.wait().await;
+    // Whatever the step left running (daemons, background jobs) ends with it: closing the
+    // control pipe tells the supervisor to kill everything that is left and exit.
+    drop(control);
+    let exit = match tokio::time::timeout(SUPERVISOR_EXIT_TIMEOUT, child.wait()).await {
+        Ok(res) => res.ok(),
+        Err(_) => {
+            out.note(&format!(
+                "step {}: its supervisor did not exit; killing it",
+                step.name
+            ));
+            let _ = child.kill().await;
+            None
+        }
+    };
+    // A supervisor that died by a signal nobody sent it (a step can `kill -9 $PPID`) left
+    // the step's orphans to init: sweep them by their clone marker.
+    if exit.map_or(true, |st| st.signal().is_some()) && !asked_to_kill {
+        let dir = workdir.to_path_buf();
+        let swept = tokio::task::spawn_blocking(move || kill_leftovers(&dir))
+            .await
+            .unwrap_or(0);
+        if swept > 0 {
+            out.note(&format!(
+                "step {}: killed {swept} processes it left behind",
+                step.name
+            ));
+        }
+    }
 
     let drain = async {
         for r in readers.iter_mut() {
@@ -362,7 +466,7 @@ async fn run_step(
         }
         End::TimedOut => {
             out.note(&format!(
-                "step {} timed out after {:?}; its process group was killed",
+                "step {} timed out after {:?}; its processes were killed",
                 step.name, step.timeout
             ));
             report(StepStatus::Timeout, None)
@@ -374,10 +478,12 @@ async fn run_step(
 /// The environment variable that marks every process of a step with the runner's clone.
 pub const CLONE_ENV: &str = "TINYCI_RUNNER_CLONE";
 
-/// Kills the processes that a previous runner on the clone at `workdir` left behind (it was
-/// killed mid-step, say): every process of this user whose environment carries
-/// `TINYCI_RUNNER_CLONE=<workdir>`. Returns how many were killed. Only one runner may use a
-/// clone at a time, so these cannot belong to a live runner.
+/// Kills every process of this user whose environment carries
+/// `TINYCI_RUNNER_CLONE=<workdir>`: what a step left behind after its supervisor was killed
+/// from outside (by the step itself, or the OOM killer), which is the one way a step's
+/// process can escape. Used right after such a step, and at start for whatever an earlier
+/// runner on the clone left. Returns how many were killed. Only one runner may use a clone
+/// at a time, and it runs one step at a time, so these belong to no running step.
 pub fn kill_leftovers(workdir: &std::path::Path) -> usize {
     let mut needle = format!("{CLONE_ENV}=").into_bytes();
     needle.extend_from_slice(workdir.as_os_str().as_encoded_bytes());
@@ -412,16 +518,6 @@ pub fn kill_leftovers(workdir: &std::path::Path) -> usize {
     killed
 }
 
-/// Signals every process in group `pgid` (ignoring a group that is already gone).
-fn kill_group(pgid: Option<libc::pid_t>, sig: libc::c_int) {
-    if let Some(pgid) = pgid.filter(|p| *p > 1) {
-        // SAFETY: kill(2) with a negative pid signals the process group; no memory involved.
-        unsafe {
-            libc::kill(-pgid, sig);
-        }
-    }
-}
-
 /// Reads one pipe, cuts it into lines, prefixes each, and emits whole lines as they come.
 async fn pump(mut r: impl AsyncRead + Unpin, prefix: Vec<u8>, out: Arc<Output>) {
     let mut buf = vec![0u8; 32 * 1024];
@@ -432,15 +528,20 @@ async fn pump(mut r: impl AsyncRead + Unpin, prefix: Vec<u8>, out: Arc<Output>) 
             Ok(n) => n,
         };
         let mut batch = Vec::with_capacity(n + 64);
-        for piece in buf[..n].split_inclusive(|b| *b == b'\n') {
-            partial.extend_from_slice(piece);
-            if partial.last() == Some(&b'\n') || partial.len() >= MAX_LINE {
-                batch.extend_from_slice(&prefix);
-                batch.extend_from_slice(&partial);
-                if batch.last() != Some(&b'\n') {
-                    batch.push(b'\n');
+        for mut piece in buf[..n].split_inclusive(|b| *b == b'\n') {
+            // A line longer than MAX_LINE becomes pieces of exactly MAX_LINE bytes.
+            while !piece.is_empty() {
+                let take = piece.len().min(MAX_LINE - partial.len());
+                partial.extend_from_slice(&piece[..take]);
+                piece = &piece[take..];
+                if partial.last() == Some(&b'\n') || partial.len() >= MAX_LINE {
+                    batch.extend_from_slice(&prefix);
+                    batch.extend_from_slice(&partial);
+                    if batch.last() != Some(&b'\n') {
+                        batch.push(b'\n');
+                    }
+                    partial.clear();
                 }
-                partial.clear();
             }
         }
         out.emit(batch);
@@ -450,5 +551,77 @@ async fn pump(mut r: impl AsyncRead + Unpin, prefix: Vec<u8>, out: Arc<Output>) 
         line.extend_from_slice(&partial);
         line.push(b'\n');
         out.emit(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_get_no_tinyci_setting_and_no_git_redirection() {
+        let inherited = [
+            ("PATH", "/usr/bin"),
+            ("HOME", "/home/ci"),
+            ("TINYCI_TOKEN", "s3cret"),
+            ("TINYCI_ANYTHING", "x"),
+            ("CI", "false"),
+            ("GIT_DIR", "/elsewhere/.git"),
+            ("GIT_WORK_TREE", "/elsewhere"),
+            ("GIT_INDEX_FILE", "/elsewhere/.git/index"),
+            ("GIT_SSH_COMMAND", "ssh -i key"),
+        ]
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        let commit = CommitId::parse(&"a".repeat(40)).unwrap();
+        let env = step_environment(inherited, &commit, "test", Path::new("/clone"));
+        let get = |k: &str| {
+            let all: Vec<_> = env.iter().filter(|(key, _)| key == k).collect();
+            assert!(all.len() <= 1, "{k} twice: {env:?}");
+            all.first().map(|(_, v)| v.to_string_lossy().into_owned())
+        };
+        assert_eq!(get("PATH").as_deref(), Some("/usr/bin"));
+        assert_eq!(get("GIT_SSH_COMMAND").as_deref(), Some("ssh -i key"));
+        assert_eq!(get("CI").as_deref(), Some("true"));
+        assert_eq!(get("TINYCI_COMMIT"), Some("a".repeat(40)));
+        assert_eq!(get("TINYCI_STEP").as_deref(), Some("test"));
+        assert_eq!(get(CLONE_ENV).as_deref(), Some("/clone"));
+        for gone in [
+            "TINYCI_TOKEN",
+            "TINYCI_ANYTHING",
+            "GIT_DIR",
+            "GIT_WORK_TREE",
+            "GIT_INDEX_FILE",
+        ] {
+            assert_eq!(get(gone), None, "{gone} leaked");
+        }
+    }
+
+    #[tokio::test]
+    async fn long_lines_are_cut_into_prefixed_pieces() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let out = Arc::new(Output {
+            events: tx,
+            cap: u64::MAX,
+            total: AtomicU64::new(0),
+            truncated: AtomicBool::new(false),
+        });
+        let mut input = vec![b'x'; MAX_LINE * 2 + 10];
+        input.extend_from_slice(b"\nshort\n");
+        pump(&input[..], b"[s] ".to_vec(), out).await;
+        let mut text = Vec::new();
+        while let Ok(JobEvent::Output(bytes)) = rx.try_recv() {
+            text.extend(bytes);
+        }
+        let lines: Vec<&[u8]> = text
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
+        assert_eq!(lines.len(), 4, "three pieces and the short line");
+        for piece in &lines[..3] {
+            assert!(piece.starts_with(b"[s] x"));
+        }
+        assert_eq!(lines[0].len(), 4 + MAX_LINE);
+        assert_eq!(lines[2].len(), 4 + 10);
+        assert_eq!(lines[3], b"[s] short");
     }
 }

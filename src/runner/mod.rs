@@ -22,6 +22,7 @@
 //! heartbeat timeout the dispatcher announced drops the connection and connects again.
 
 pub mod job;
+pub mod supervisor;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -79,7 +80,7 @@ pub struct Config {
     pub workspace: crate::git::WorkspaceOptions,
 }
 
-/// Why a runner could not start.
+/// Why a runner could not start, or stopped on its own.
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
     /// The clone is unusable.
@@ -88,6 +89,24 @@ pub enum RunnerError {
     /// The listener has no address.
     #[error("listener: {0}")]
     Listener(#[from] std::io::Error),
+    /// The dispatcher refused us for good (token, protocol version), or is not one.
+    #[error("cannot work with the dispatcher: {0}")]
+    Dispatcher(#[source] net::NetError),
+}
+
+/// Keeps the steps this runner will run (processes of the same user) out of its memory:
+/// with `PR_SET_DUMPABLE` off, they can neither ptrace the runner nor read its
+/// `/proc/PID/environ`, where `TINYCI_TOKEN` may be. (Steps exec a new program, so they are
+/// dumpable as usual.) Call it first thing in `main`.
+pub fn harden_process() {
+    // SAFETY: prctl(2) with plain integer arguments.
+    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if rc != 0 {
+        eprintln!(
+            "warning: cannot make the runner non-dumpable: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// How a job ended, as the runner will tell the dispatcher.
@@ -288,14 +307,14 @@ pub async fn run(
         drain_deadline: None,
         backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
     };
-    runner.serve().await;
+    let fatal = runner.serve().await;
     if let Some(j) = runner.job.take() {
         info!(commit = %j.commit, "stopping the running job");
         j.stop().await;
     }
     status_task.abort();
     info!("stopped");
-    Ok(())
+    fatal.map_or(Ok(()), Err)
 }
 
 /// A runner's state between and across connections.
@@ -318,15 +337,16 @@ struct Runner {
 struct Stop;
 
 impl Runner {
-    /// Connects, serves and reconnects until the runner is to exit.
-    async fn serve(&mut self) {
+    /// Connects, serves and reconnects until the runner is to exit; returns why if that is
+    /// an error (the dispatcher refused us for good).
+    async fn serve(&mut self) -> Option<RunnerError> {
         let token = self.config.token.clone().unwrap_or_default();
         loop {
             if self.done_offline() {
-                return;
+                return None;
             }
             let conn = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
+                _ = self.shutdown.cancelled() => return None,
                 _ = self.shutdown.drain_requested(), if self.drain_deadline.is_none() => {
                     self.begin_drain();
                     continue;
@@ -340,17 +360,18 @@ impl Runner {
                     let res = self.session(&mut conn).await;
                     set_status(&self.status, |s| s.connected = false);
                     match res {
-                        Ok(Stop) => return,
+                        Ok(Stop) => return None,
                         Err(e) => {
                             warn!(dispatcher = %self.config.dispatcher, error = %e, "lost the dispatcher; reconnecting")
                         }
                     }
                 }
+                Err(e) if e.is_permanent() => return Some(RunnerError::Dispatcher(e)),
                 Err(e) => {
                     let delay = self.backoff.next_delay();
-                    warn!(error = %e, retry_in = ?delay, "dispatcher unreachable");
+                    warn!(error = %e, retry_in = ?delay, "dispatcher unreachable; retrying");
                     tokio::select! {
-                        _ = self.shutdown.cancelled() => return,
+                        _ = self.shutdown.cancelled() => return None,
                         _ = self.shutdown.drain_requested(), if self.drain_deadline.is_none() => self.begin_drain(),
                         _ = sleep_until(self.drain_deadline) => {}
                         _ = tokio::time::sleep(delay) => {}
