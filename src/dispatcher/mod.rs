@@ -368,11 +368,23 @@ async fn runner_loop(
     let mut seq = 0u64;
     loop {
         tokio::select! {
+            // Pings and messages to the runner before the runner's frames: a runner that
+            // streams output keeps `recv` always ready, and must still hear from us. (Each
+            // of those is ready only now and then, so `recv` does not starve.)
+            biased;
             _ = ctx.shutdown.cancelled() => {
                 // Tell the runner this is a restart, not a failure: it keeps its job and
                 // reconnects at once. Best effort: the runner also notices the close.
                 let _ = conn.send(&FromDispatcher::ShuttingDown).await;
                 return Ok(Ended::Shutdown);
+            }
+            out = rx.recv() => match out {
+                Some(msg) => conn.send(&msg).await?,
+                None => return Ok(Ended::Lost("dropped by the core".into())),
+            },
+            _ = ping.tick() => {
+                seq += 1;
+                conn.send(&FromDispatcher::Ping { seq }).await?;
             }
             msg = conn.recv::<ToDispatcher>() => {
                 let Some(msg) = msg? else {
@@ -395,14 +407,6 @@ async fn runner_loop(
                 if ctx.events.send(ev).is_err() {
                     return Ok(Ended::Shutdown);
                 }
-            }
-            out = rx.recv() => match out {
-                Some(msg) => conn.send(&msg).await?,
-                None => return Ok(Ended::Lost("dropped by the core".into())),
-            },
-            _ = ping.tick() => {
-                seq += 1;
-                conn.send(&FromDispatcher::Ping { seq }).await?;
             }
             () = &mut silence => {
                 warn!(runner = %id, timeout = ?timeout, "heartbeat timeout; removing runner");

@@ -18,8 +18,8 @@
 //! second signal, or `--drain-timeout`, kills the job's steps and hands the commit back
 //! uncounted.
 //!
-//! Partitions: a runner that hears nothing from the dispatcher (pings included) for the
-//! heartbeat timeout the dispatcher announced drops the connection and connects again.
+//! Partitions: a runner that hears nothing from the dispatcher (pings included) for twice
+//! the heartbeat timeout the dispatcher announced drops the connection and connects again.
 
 pub mod job;
 pub mod supervisor;
@@ -481,10 +481,13 @@ impl Runner {
             }
         };
         self.backoff.reset();
-        // A dispatcher could announce nonsense; a deadline under a few frames' time would
-        // make the runner drop every connection.
-        let silence_limit = heartbeat_timeout.max(Duration::from_millis(500));
-        info!(runner = %runner, dispatcher = %self.config.dispatcher, heartbeat_timeout = ?silence_limit, "registered");
+        // Twice the dispatcher's timeout: by then the dispatcher has given up on us anyway
+        // (at 1x), while a busy dispatcher whose ping is merely late (a loaded machine, a
+        // burst of output to write) does not cost the running job. A dispatcher could
+        // announce nonsense; a deadline under a few frames' time would drop every
+        // connection.
+        let silence_limit = (heartbeat_timeout * 2).max(Duration::from_secs(1));
+        info!(runner = %runner, dispatcher = %self.config.dispatcher, silence_limit = ?silence_limit, "registered");
         if let Some(j) = self.job.as_mut() {
             match verdict {
                 Some(HeldVerdict::Adopt { log_offset }) => {
@@ -585,7 +588,7 @@ impl Runner {
                     }
                 }
                 () = &mut silence => {
-                    warn!(silence = ?silence_limit, "heard nothing from the dispatcher (pings included) for the heartbeat timeout; dropping the connection");
+                    warn!(silence = ?silence_limit, "heard nothing from the dispatcher (pings included) for twice its heartbeat timeout; dropping the connection");
                     return Err(ProtoError::Timeout(silence_limit, "anything from the dispatcher"));
                 }
             }
