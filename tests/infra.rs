@@ -198,9 +198,7 @@ fn runner_drain_timeout_hands_the_commit_back_uncounted() -> Result<()> {
             ..Opts::default()
         },
     )?;
-    let clone = c.master.clone_to(&c.tmp.path().join("short_drain_clone"))?;
-    let addr = c.addr.clone();
-    let i = c.add_runner_on(&clone, &addr, &["--drain-timeout", "1s"])?;
+    let i = c.add_runner_with(&CloneSetup::args(&["--drain-timeout", "1s"]))?;
     c.wait_result(&c.master.head()?, WAIT)?;
     let mark = c.tmp.path().join("drain-timeout-mark");
     let sha = c.commit("hangs once", &[(".tinyci.toml", &hang_once_spec(&mark))])?;
@@ -241,8 +239,10 @@ fn black_holed_idle_runner_reconnects_after_the_partition_heals() -> Result<()> 
         },
     )?;
     let proxy = Proxy::start(&c.addr)?;
-    let clone = c.master.clone_to(&c.tmp.path().join("proxied_clone"))?;
-    let i = c.add_runner_on(&clone, &proxy.addr, &[])?;
+    let i = c.add_runner_with(&CloneSetup {
+        dispatcher: Some(proxy.addr.clone()),
+        ..CloneSetup::default()
+    })?;
     c.wait_result(&c.master.head()?, WAIT)?;
     let registered = c.dispatcher().count(&["runner registered"]);
 
@@ -298,8 +298,7 @@ fn origin_down_for_a_while_pauses_the_runner_and_the_commit_succeeds_after() -> 
         c.tmp.path(),
         &["clone", "-q", &path(&mirror), &path(&clone)],
     )?;
-    let addr = c.addr.clone();
-    let i = c.add_runner_on(&clone, &addr, &[])?;
+    let i = c.add_runner_on(clone, &CloneSetup::default())?;
     c.wait_result(&c.master.head()?, WAIT)?;
 
     std::fs::rename(&mirror, &away)?;

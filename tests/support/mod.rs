@@ -6,12 +6,14 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
+
+pub mod origins;
 
 /// Where the three binaries are.
 #[derive(Debug, Clone)]
@@ -69,6 +71,7 @@ pub struct Proc {
     child: Child,
     lines: Arc<(Mutex<Vec<String>>, Condvar)>,
     echo: bool,
+    eof: Arc<AtomicBool>,
 }
 
 impl Proc {
@@ -87,6 +90,8 @@ impl Proc {
         let sink = lines.clone();
         let echo = std::env::var_os("TINYCI_TEST_ECHO").is_some();
         let tag = name.to_owned();
+        let eof = Arc::new(AtomicBool::new(false));
+        let eof_seen = eof.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
@@ -97,12 +102,14 @@ impl Proc {
                 m.lock().unwrap().push(line);
                 cv.notify_all();
             }
+            eof_seen.store(true, Ordering::Release);
         });
         Ok(Proc {
             name: name.to_owned(),
             child,
             lines,
             echo,
+            eof,
         })
     }
 
@@ -182,11 +189,18 @@ impl Proc {
         None
     }
 
-    /// Waits (bounded) for the process to exit by itself; returns its status if it did.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits (bounded) for the process to exit by itself; its status, or `None` if it is
+    /// still running at the deadline.
     pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + within;
         loop {
             if let Ok(Some(st)) = self.child.try_wait() {
+                // The reader thread may still be moving the last lines over.
+                let _ = self.wait_for_eof(Duration::from_secs(2));
                 return Some(st);
             }
             if Instant::now() >= deadline {
@@ -196,8 +210,16 @@ impl Proc {
         }
     }
 
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+    /// Waits until the stderr reader saw end of file (every line is in [`Proc::log`]).
+    fn wait_for_eof(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while !self.eof.load(Ordering::Acquire) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
     }
 }
 
@@ -355,6 +377,45 @@ impl Default for Opts {
     }
 }
 
+/// How a runner's (or the observer's) clone is made and what its process is started with.
+#[derive(Debug, Clone, Default)]
+pub struct CloneSetup {
+    /// Clone from this URL (with `env`) instead of the master's path.
+    pub clone_from: Option<String>,
+    /// After cloning, point `origin` at this URL.
+    pub origin: Option<String>,
+    /// Extra arguments, before REPO_CLONE.
+    pub args: Vec<String>,
+    /// Extra environment for the process (and for the `git clone`).
+    pub env: Vec<(String, String)>,
+    /// Talk to this address instead of the dispatcher's (a [`Proxy`], say).
+    pub dispatcher: Option<String>,
+}
+
+impl CloneSetup {
+    /// A setup with only these extra arguments.
+    pub fn args(args: &[&str]) -> CloneSetup {
+        CloneSetup {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            ..CloneSetup::default()
+        }
+    }
+}
+
+/// `git clone -q URL dest` with extra environment.
+pub fn clone_url(url: &str, dest: &Path, env: &[(String, String)]) -> Result<()> {
+    let out = Command::new("git")
+        .args(["clone", "-q", url])
+        .arg(dest)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .context("running git clone")?;
+    if !out.status.success() {
+        bail!("git clone {url}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
 /// A dispatcher, runners and an observer over a fresh master repository in a temp dir.
 /// Dropping it kills every process it started and every step process left behind.
 pub struct Cluster {
@@ -458,14 +519,64 @@ impl Cluster {
     /// Clones the master for a new runner, starts it, and waits until the dispatcher has
     /// registered it. Returns its index.
     pub fn add_runner(&mut self) -> Result<usize> {
+        self.add_runner_with(&CloneSetup::default())
+    }
+
+    /// Like [`Cluster::add_runner`], with the clone made and the runner started as `setup`
+    /// says.
+    pub fn add_runner_with(&mut self, setup: &CloneSetup) -> Result<usize> {
+        let clone = self.new_clone(setup)?;
+        self.add_runner_on(clone, setup)
+    }
+
+    /// Makes a new clone for a runner as `setup` says (not started).
+    pub fn new_clone(&mut self, setup: &CloneSetup) -> Result<PathBuf> {
         self.next_clone += 1;
-        let name = format!("runner_clone_{}", self.next_clone);
-        let clone = self.master.clone_to(&self.tmp.path().join(name))?;
-        let (p, addr) = self.spawn_runner(&clone)?;
+        let dest = self
+            .tmp
+            .path()
+            .join(format!("runner_clone_{}", self.next_clone));
+        match &setup.clone_from {
+            None => {
+                self.master.clone_to(&dest)?;
+            }
+            Some(url) => clone_url(url, &dest, &setup.env)?,
+        };
+        if let Some(url) = &setup.origin {
+            git(&dest, &["remote", "set-url", "origin", url])?;
+        }
+        Ok(dest)
+    }
+
+    /// Starts a runner on an existing `clone` with `setup`'s arguments and environment, and
+    /// waits until it is registered. Returns its index.
+    pub fn add_runner_on(&mut self, clone: PathBuf, setup: &CloneSetup) -> Result<usize> {
+        let (p, addr) = self.spawn_runner_with(&clone, setup)?;
         self.runners.push(p);
         self.runner_addrs.push(addr);
         self.runner_clones.push(clone);
         Ok(self.runners.len() - 1)
+    }
+
+    /// Starts a runner on `clone` and returns at once (no wait for it to listen): for tests
+    /// of what a runner refuses at start.
+    pub fn spawn_runner_raw(&self, clone: &Path, setup: &CloneSetup) -> Result<Proc> {
+        let mut cmd = Command::new(&self.bins.runner);
+        cmd.args(["--host", "127.0.0.1", "--port-range"])
+            .arg(runner_port_range())
+            .args([
+                "--dispatcher-server",
+                setup.dispatcher.as_deref().unwrap_or(&self.addr),
+            ])
+            .args(&setup.args)
+            .arg(clone);
+        cmd.envs(setup.env.iter().map(|(k, v)| (k, v)));
+        self.token_env(&mut cmd);
+        let name = clone
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("runner");
+        Proc::spawn(name, cmd)
     }
 
     /// Kills runner `i` (if still alive) and starts a new one on the same clone, waiting
@@ -473,7 +584,7 @@ impl Cluster {
     pub fn restart_runner(&mut self, i: usize) -> Result<()> {
         self.runners[i].kill();
         let clone = self.runner_clones[i].clone();
-        let (p, addr) = self.spawn_runner(&clone)?;
+        let (p, addr) = self.spawn_runner_with(&clone, &CloneSetup::default())?;
         self.runners[i] = p;
         self.runner_addrs[i] = addr;
         Ok(())
@@ -502,21 +613,6 @@ impl Cluster {
         self.start_dispatcher(&port)
     }
 
-    /// Starts a runner on `clone` that talks to the dispatcher at `dispatcher` (a proxy,
-    /// say) with `extra` arguments, and waits until the dispatcher registered it.
-    pub fn add_runner_on(
-        &mut self,
-        clone: &Path,
-        dispatcher: &str,
-        extra: &[&str],
-    ) -> Result<usize> {
-        let (p, addr) = self.spawn_runner_with(clone, dispatcher, extra)?;
-        self.runners.push(p);
-        self.runner_addrs.push(addr);
-        self.runner_clones.push(clone.to_owned());
-        Ok(self.runners.len() - 1)
-    }
-
     /// The logs of every dispatcher this cluster ran, oldest first.
     pub fn all_dispatcher_logs(&self) -> String {
         self.past_dispatchers
@@ -527,30 +623,9 @@ impl Cluster {
             .join("\n")
     }
 
-    fn spawn_runner(&self, clone: &Path) -> Result<(Proc, String)> {
-        let addr = self.addr.clone();
-        self.spawn_runner_with(clone, &addr, &[])
-    }
-
-    fn spawn_runner_with(
-        &self,
-        clone: &Path,
-        dispatcher: &str,
-        extra: &[&str],
-    ) -> Result<(Proc, String)> {
+    fn spawn_runner_with(&self, clone: &Path, setup: &CloneSetup) -> Result<(Proc, String)> {
         let registered_before = self.dispatcher().count(&["runner registered"]);
-        let mut cmd = Command::new(&self.bins.runner);
-        cmd.args(["--host", "127.0.0.1", "--port-range"])
-            .arg(runner_port_range())
-            .args(["--dispatcher-server", dispatcher])
-            .args(extra)
-            .arg(clone);
-        self.token_env(&mut cmd);
-        let name = clone
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("runner");
-        let p = Proc::spawn(name, cmd)?;
+        let p = self.spawn_runner_raw(clone, setup)?;
         let line = p.wait_for(&["listening", "addr="], WAIT)?;
         let addr = field(&line, "addr").ok_or_else(|| anyhow!("no addr in {line:?}"))?;
         self.dispatcher()
@@ -561,6 +636,34 @@ impl Cluster {
     }
 
     pub fn start_observer(&mut self) -> Result<()> {
+        self.start_observer_with(&CloneSetup::default())
+    }
+
+    /// The observer's clone.
+    pub fn observer_clone(&self) -> &Path {
+        &self.observer_clone
+    }
+
+    /// Starts the observer with `setup`'s arguments and environment (its `origin`, if set,
+    /// replaces the observer clone's origin URL; `clone_from` is ignored: the clone exists)
+    /// and waits until it watches.
+    pub fn start_observer_with(&mut self, setup: &CloneSetup) -> Result<()> {
+        let p = self.spawn_observer_raw(setup)?;
+        p.wait_for(&["watching"], WAIT)?;
+        self.observer = Some(p);
+        Ok(())
+    }
+
+    /// Starts an observer on the observer clone and returns at once.
+    pub fn spawn_observer_raw(&self, setup: &CloneSetup) -> Result<Proc> {
+        if let Some(url) = &setup.origin {
+            git(&self.observer_clone, &["remote", "set-url", "origin", url])?;
+        }
+        self.spawn_observer_on(&self.observer_clone, setup)
+    }
+
+    /// Starts an observer on `clone` and returns at once.
+    pub fn spawn_observer_on(&self, clone: &Path, setup: &CloneSetup) -> Result<Proc> {
         let mut cmd = Command::new(&self.bins.observer);
         cmd.args([
             "--dispatcher-server",
@@ -568,12 +671,11 @@ impl Cluster {
             "--poll-interval",
             self.opts.poll_interval,
         ])
-        .arg(&self.observer_clone);
+        .args(&setup.args)
+        .arg(clone);
+        cmd.envs(setup.env.iter().map(|(k, v)| (k, v)));
         self.token_env(&mut cmd);
-        let p = Proc::spawn("observer", cmd)?;
-        p.wait_for(&["watching"], WAIT)?;
-        self.observer = Some(p);
-        Ok(())
+        Proc::spawn("observer", cmd)
     }
 
     /// Commits to the master; returns the sha.
@@ -585,8 +687,10 @@ impl Cluster {
         self.results.join(format!("{sha}.json"))
     }
 
+    /// The run's log (bytes that are not UTF-8 replaced, so a step's odd output shows).
     pub fn log_text(&self, sha: &str) -> String {
-        std::fs::read_to_string(self.results.join(format!("{sha}.log"))).unwrap_or_default()
+        let bytes = std::fs::read(self.results.join(format!("{sha}.log"))).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
     }
 
     /// Waits for `<sha>.json` and returns it parsed.
@@ -875,4 +979,54 @@ impl Drop for Proxy {
             }
         }
     }
+}
+
+/// Live processes (not zombies, not this test process, none of `except`) whose working
+/// directory is `dir` or below it, or whose command line names a path under `dir`: what a
+/// runner or observer of that clone started or left behind. Each as `pid comm: cmdline (cwd)`.
+pub fn processes_in(dir: &Path, except: &[u32]) -> Vec<String> {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+    let needle = dir.as_os_str().as_encoded_bytes().to_vec();
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me || except.contains(&(pid as u32)) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let zombie = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.trim_start().starts_with('Z'))
+            .unwrap_or(true);
+        if zombie {
+            continue;
+        }
+        let cwd = std::fs::read_link(e.path().join("cwd")).ok();
+        let in_cwd = cwd.as_deref().is_some_and(|c| c.starts_with(&dir));
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let in_cmdline = cmdline
+            .windows(needle.len().max(1))
+            .any(|w| w == needle.as_slice());
+        if in_cwd || in_cmdline {
+            let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            out.push(format!(
+                "{pid} {}: {} (cwd {})",
+                comm.trim(),
+                args.join(" "),
+                cwd.map(|c| c.display().to_string()).unwrap_or_default()
+            ));
+        }
+    }
+    out
 }
