@@ -27,6 +27,10 @@ struct Args {
     /// Most bytes of output kept per job; the rest is cut with a marker line.
     #[arg(long, default_value_t = runner::DEFAULT_OUTPUT_CAP)]
     output_limit: u64,
+    /// On SIGTERM/Ctrl-C, how long to let the running job finish before its steps are
+    /// killed and the commit handed back (a second signal does that at once).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
     /// File holding the shared secret (default: $TINYCI_TOKEN, if set).
     #[arg(long)]
     token_file: Option<PathBuf>,
@@ -74,6 +78,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         dispatcher: args.dispatcher_server,
         token,
         output_cap: args.output_limit,
+        drain_timeout: args.drain_timeout,
         workspace: git::WorkspaceOptions {
             discard_changes: args.discard_changes,
             limits: git::FetchLimits {
@@ -82,6 +87,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             },
         },
     };
-    runner::run(listener, config, Shutdown::on_signals()).await?;
+    runner::run(listener, config, Shutdown::on_signals_draining()).await?;
     Ok(())
 }

@@ -1034,6 +1034,7 @@ async fn sim_runner(
     conn.send(&ToDispatcher::Register {
         addr: fake_addr,
         held: None,
+        paused: None,
     })
     .await?;
     match conn

@@ -11,6 +11,38 @@ use tokio::net::{TcpListener, TcpStream};
 /// How long a TCP connect may take before the peer counts as unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// TCP keepalive on every long-lived connection: the first probe after this much idle
+/// time…
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+/// …then one every this often…
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// …and the kernel drops the connection after this many unanswered probes. So a peer whose
+/// host vanished is noticed within about 25 s even on a connection with nothing to say
+/// (an observer's between polls); the heartbeat read deadlines notice sooner where there
+/// is traffic, and also catch what keepalive cannot: a middlebox that answers probes but
+/// forwards nothing.
+pub const KEEPALIVE_RETRIES: u32 = 3;
+/// Data written but not acknowledged for this long fails the connection (TCP_USER_TIMEOUT).
+pub const USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Turns on TCP keepalive (see [`KEEPALIVE_IDLE`]) and the unacknowledged-data timeout on a
+/// connected socket, and disables Nagle (small frames such as pings must not wait). Best
+/// effort: a socket that refuses an option still works, so failures are only logged.
+pub fn tune_stream(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let sock = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    if let Err(e) = sock.set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive");
+    }
+    if let Err(e) = sock.set_tcp_user_timeout(Some(USER_TIMEOUT)) {
+        tracing::debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
+    }
+}
+
 /// Errors from connecting to or binding for a peer.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -113,8 +145,7 @@ pub async fn connect(
         }
         Err(_) => return Err(NetError::ConnectTimeout(addr.to_owned())),
     };
-    // Small frames (pings, acks) must not wait for Nagle.
-    let _ = stream.set_nodelay(true);
+    tune_stream(&stream);
     let mut conn = Connection::new(stream);
     conn.client_handshake(role, token)
         .await
@@ -260,6 +291,24 @@ mod tests {
         assert_eq!(parse_port_range("7").unwrap(), 7..=7);
         assert!(parse_port_range("9-8").is_err());
         assert!(parse_port_range("a-8").is_err());
+    }
+
+    #[tokio::test]
+    async fn tuned_streams_have_keepalive_on() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (client, (server, _)) = (client.unwrap(), server.unwrap());
+        for s in [&client, &server] {
+            tune_stream(s);
+            let sock = socket2::SockRef::from(s);
+            assert!(sock.keepalive().unwrap());
+            assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+            assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+            assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE_RETRIES);
+            assert_eq!(sock.tcp_user_timeout().unwrap(), Some(USER_TIMEOUT));
+            assert!(s.nodelay().unwrap());
+        }
     }
 
     #[test]

@@ -39,6 +39,7 @@ enum FakeToDispatcher {
     Register {
         addr: String,
         held: Option<FakeHeldJob>,
+        paused: Option<String>,
     },
 }
 
@@ -59,6 +60,7 @@ enum FakeFromDispatcher {
     Registered {
         runner: RunnerId,
         held: Option<HeldVerdict>,
+        heartbeat_timeout: Duration,
     },
     Assign {
         job: JobId,
@@ -374,7 +376,8 @@ fn look_alikes_match_the_real_encoding() -> Result<()> {
                 job,
                 commit: GOOD_SHA.into(),
                 finished: true
-            })
+            }),
+            paused: Some("p".into()),
         })?,
         ToDispatcher::Register {
             addr: "h:1".into(),
@@ -382,7 +385,8 @@ fn look_alikes_match_the_real_encoding() -> Result<()> {
                 job,
                 commit: CommitId::parse(GOOD_SHA)?,
                 finished: true
-            })
+            }),
+            paused: Some("p".into()),
         }
     );
     assert_eq!(
@@ -508,6 +512,7 @@ fn length_prefix_near_4_gib_is_refused_before_buffering() -> Result<()> {
             r.send_msg(&ToDispatcher::Register {
                 addr: "127.0.0.1:1".into(),
                 held: None,
+                paused: None,
             })?;
             let reply = r.recv::<FromDispatcher>()?;
             ensure!(
@@ -857,6 +862,7 @@ fn bad_commit_ids_from_observers_and_runners_are_refused() -> Result<()> {
                 commit: bad.clone(),
                 finished: true,
             }),
+            paused: None,
         })?;
         match r.recv::<FromDispatcher>()? {
             FromDispatcher::Error { reason } => {
@@ -907,6 +913,8 @@ async fn fake_register(
     conn.send(&FromDispatcher::Registered {
         runner: RunnerId(n),
         held: None,
+        // A fake that never pings: the runner must not give up on it mid-test.
+        heartbeat_timeout: Duration::from_secs(600),
     })
     .await?;
     Ok((conn, held))
@@ -1040,6 +1048,7 @@ fn result_for_an_unknown_job_is_refused() -> Result<()> {
         conn.send(&ToDispatcher::Register {
             addr: "127.0.0.1:1".into(),
             held: None,
+            paused: None,
         })
         .await?;
         match conn
@@ -1088,6 +1097,7 @@ fn result_for_an_unknown_job_is_refused() -> Result<()> {
                 commit: CommitId::parse(GOOD_SHA)?,
                 finished: true,
             }),
+            paused: None,
         })
         .await?;
         match conn

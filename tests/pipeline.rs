@@ -304,6 +304,7 @@ fn runner_status(addr: &str) -> Result<(bool, Option<String>)> {
             addr: reported,
             connected,
             commit,
+            ..
         } = conn.recv_within(WAIT, "the status").await?;
         anyhow::ensure!(reported == addr, "runner says it is {reported}, not {addr}");
         Ok((connected, commit.map(|c| c.to_string())))

@@ -10,11 +10,16 @@
 //! |---|---|---|---|
 //! | first frame, every connection | connecting side → accepting side | [`Hello`] | [`HelloReply`] (`Welcome` or `Refused`, then close) |
 //! | observer has new commits | observer → dispatcher | [`ToDispatcher::Submit`] | [`FromDispatcher::Submitted`] after the commits are journaled |
-//! | runner connected | runner → dispatcher | [`ToDispatcher::Register`] | [`FromDispatcher::Registered`] (with a verdict on a held job) |
+//! | runner connected | runner → dispatcher | [`ToDispatcher::Register`] (held job, paused?) | [`FromDispatcher::Registered`] (with a verdict on a held job, and the heartbeat timeout) |
 //! | every heartbeat interval | dispatcher → runner | [`FromDispatcher::Ping`] | [`ToDispatcher::Pong`] |
+//! | a runner heard nothing for the heartbeat timeout | runner | (closes, connects again) | |
 //! | a runner is free and a commit waits | dispatcher → runner | [`FromDispatcher::Assign`] | `Log`… then `Done` |
 //! | output was produced | runner → dispatcher | [`ToDispatcher::Log`] | none |
 //! | the job ended | runner → dispatcher | [`ToDispatcher::Done`] | [`FromDispatcher::ResultAck`] |
+//! | the job failed on infrastructure, or was stopped | runner → dispatcher | [`ToDispatcher::GiveBack`] | none (the commit goes back to the front of the queue; no result) |
+//! | origin unreachable / draining | runner → dispatcher | [`ToDispatcher::Pause`], later [`ToDispatcher::Resume`] | none |
+//! | runner stops on purpose | runner → dispatcher | [`ToDispatcher::Goodbye`], then close | none (a held job goes back uncounted) |
+//! | dispatcher stops on purpose | dispatcher → runner | [`FromDispatcher::ShuttingDown`], then close | none (the runner keeps its job and reconnects at once) |
 //! | a client asks a runner | client → runner | [`ToRunner::Status`] | [`FromRunner::Status`] |
 //! | a peer broke the protocol | either | [`FromDispatcher::Error`] | none; close |
 
@@ -33,15 +38,15 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 pub use ids::{CommitId, InvalidCommitId, JobId, RunnerId};
 pub use messages::{
-    FromDispatcher, FromRunner, HeldJob, HeldVerdict, Hello, HelloReply, Role, RunReport,
-    RunStatus, StepReport, StepStatus, ToDispatcher, ToRunner,
+    FromDispatcher, FromRunner, GiveBackCause, HeldJob, HeldVerdict, Hello, HelloReply, Role,
+    RunReport, RunStatus, StepReport, StepStatus, ToDispatcher, ToRunner,
 };
 
 /// The first four bytes of every hello: ASCII `tCI1`.
 pub const MAGIC: u32 = 0x7443_4931;
 
 /// Bumped on every change to a message after the hello.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The largest frame either side sends or accepts (the length prefix is checked before any
 /// byte of the body is buffered).

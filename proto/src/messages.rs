@@ -4,6 +4,8 @@
 //! version can read the other side's hello and be told precisely why it is refused. The
 //! enums behind it change with [`crate::PROTOCOL_VERSION`].
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{CommitId, JobId, RunnerId};
@@ -94,6 +96,10 @@ pub enum ToDispatcher {
         addr: String,
         /// A job the runner is running or has finished but not had acknowledged.
         held: Option<HeldJob>,
+        /// Why the runner takes no new job for now (its origin is unreachable, it is
+        /// stopping), or `None` when it is available. Changed later by
+        /// [`ToDispatcher::Pause`] / [`ToDispatcher::Resume`].
+        paused: Option<String>,
     },
     /// Runner: answer to [`FromDispatcher::Ping`], echoing its sequence number.
     Pong {
@@ -121,6 +127,45 @@ pub enum ToDispatcher {
         /// Total bytes of output the attempt produced (all sent as `Log` before this).
         log_len: u64,
     },
+    /// Runner: assign me nothing until [`ToDispatcher::Resume`] (my origin is unreachable,
+    /// or I am draining before I stop). A job I hold goes on. Not answered.
+    Pause {
+        /// Why, for the dispatcher's log and status.
+        reason: String,
+    },
+    /// Runner: I take jobs again. Not answered.
+    Resume,
+    /// Runner: attempt `job` could not be carried out for a reason that is not the
+    /// commit's; put the commit back at the front of the queue. No result is written for
+    /// it, and the runner has forgotten the job. Not answered.
+    GiveBack {
+        /// The attempt handed back.
+        job: JobId,
+        /// What went wrong, in words fit for the commit's log and its final `error`.
+        reason: String,
+        /// Whether the attempt counts towards the commit's maximum.
+        cause: GiveBackCause,
+    },
+    /// Runner, last frame before it closes on purpose (it is stopping): not a death, so
+    /// whatever job it still holds goes back to the queue without counting. Not answered.
+    Goodbye {
+        /// Why, for the dispatcher's log.
+        reason: String,
+    },
+}
+
+/// Why a runner hands a job back ([`ToDispatcher::GiveBack`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GiveBackCause {
+    /// The runner could not carry the job out (fetch or checkout failed, clone damaged,
+    /// disk full…). Counts as an attempt: a commit that fails like this on the maximum
+    /// number of attempts is given up as `error`.
+    Infrastructure,
+    /// The runner's origin is unreachable (the runner checked, and pauses until it is
+    /// back). Not the commit's doing and not this runner's: not counted.
+    OriginUnreachable,
+    /// The runner is stopping, or was paused when the job arrived. Not counted.
+    Withdrawn,
 }
 
 /// Messages from the dispatcher to an observer or a runner.
@@ -139,6 +184,9 @@ pub enum FromDispatcher {
         runner: RunnerId,
         /// What to do with the job the runner announced, if it announced one.
         held: Option<HeldVerdict>,
+        /// The dispatcher's heartbeat timeout: a runner that hears nothing (pings
+        /// included) for this long drops the connection and connects again.
+        heartbeat_timeout: Duration,
     },
     /// To an idle runner: run this commit as attempt `job`. Answered by `Log` frames and one
     /// `Done`.
@@ -165,6 +213,10 @@ pub enum FromDispatcher {
         /// Why, in words fit for a log line.
         reason: String,
     },
+    /// To a runner: the dispatcher is stopping on purpose (it will most likely be
+    /// restarted); the connection closes after this frame. Keep the job, reconnect at
+    /// once and keep trying: a restarted dispatcher adopts it.
+    ShuttingDown,
 }
 
 /// Messages to a runner's own port, from a [`Role::Client`].
@@ -185,6 +237,8 @@ pub enum FromRunner {
         connected: bool,
         /// The commit it is working on, if any.
         commit: Option<CommitId>,
+        /// Why it takes no jobs now (its origin is unreachable, it is stopping), if so.
+        paused: Option<String>,
     },
 }
 

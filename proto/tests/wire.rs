@@ -48,6 +48,7 @@ fn to_dispatcher() -> Vec<ToDispatcher> {
         ToDispatcher::Register {
             addr: "127.0.0.1:8900".into(),
             held: None,
+            paused: None,
         },
         ToDispatcher::Register {
             addr: "127.0.0.1:8901".into(),
@@ -56,6 +57,7 @@ fn to_dispatcher() -> Vec<ToDispatcher> {
                 commit: sha(3),
                 finished: true,
             }),
+            paused: Some("origin unreachable".into()),
         },
         ToDispatcher::Pong { seq: 7 },
         ToDispatcher::Log {
@@ -67,6 +69,28 @@ fn to_dispatcher() -> Vec<ToDispatcher> {
             job: JobId::new(),
             report: report(),
             log_len: 10,
+        },
+        ToDispatcher::Pause {
+            reason: "draining".into(),
+        },
+        ToDispatcher::Resume,
+        ToDispatcher::GiveBack {
+            job: JobId::new(),
+            reason: "checkout failed".into(),
+            cause: GiveBackCause::Infrastructure,
+        },
+        ToDispatcher::GiveBack {
+            job: JobId::new(),
+            reason: "origin unreachable".into(),
+            cause: GiveBackCause::OriginUnreachable,
+        },
+        ToDispatcher::GiveBack {
+            job: JobId::new(),
+            reason: "the runner was stopped".into(),
+            cause: GiveBackCause::Withdrawn,
+        },
+        ToDispatcher::Goodbye {
+            reason: "stopping".into(),
         },
     ]
 }
@@ -80,12 +104,14 @@ fn from_dispatcher() -> Vec<FromDispatcher> {
         FromDispatcher::Registered {
             runner: RunnerId(4),
             held: Some(HeldVerdict::Adopt { log_offset: 5 }),
+            heartbeat_timeout: Duration::from_millis(1500),
         },
         FromDispatcher::Registered {
             runner: RunnerId(5),
             held: Some(HeldVerdict::Drop {
                 reason: "superseded".into(),
             }),
+            heartbeat_timeout: Duration::from_secs(3),
         },
         FromDispatcher::Assign {
             job: JobId::new(),
@@ -99,6 +125,7 @@ fn from_dispatcher() -> Vec<FromDispatcher> {
         FromDispatcher::Error {
             reason: "bad".into(),
         },
+        FromDispatcher::ShuttingDown,
     ]
 }
 
@@ -121,6 +148,7 @@ async fn every_message_round_trips_over_a_pipe() {
         addr: "h:1".into(),
         connected: true,
         commit: Some(sha(1)),
+        paused: Some("origin unreachable".into()),
     };
     b.send(&st).await.unwrap();
     assert_eq!(a.recv::<FromRunner>().await.unwrap(), Some(st));

@@ -14,7 +14,9 @@ use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime};
 
-use tinyci_proto::{CommitId, FromDispatcher, HeldJob, HeldVerdict, JobId, RunReport, RunnerId};
+use tinyci_proto::{
+    CommitId, FromDispatcher, GiveBackCause, HeldJob, HeldVerdict, JobId, RunReport, RunnerId,
+};
 use tokio::sync::{mpsc::UnboundedSender, oneshot};
 use tracing::{debug, info, warn};
 
@@ -41,17 +43,45 @@ pub enum Event {
         addr: String,
         /// A job it still holds.
         held: Option<HeldJob>,
+        /// Why it takes no job now, if it does not.
+        paused: Option<String>,
         /// Messages to the runner.
         tx: UnboundedSender<FromDispatcher>,
         /// Its id and the verdict on the held job.
         reply: oneshot::Sender<(RunnerId, Option<HeldVerdict>)>,
     },
-    /// A runner's connection ended (closed, failed, or heartbeats missed).
+    /// A runner's connection ended (closed, failed, or heartbeats missed), or it said
+    /// goodbye.
     RunnerLost {
         /// Which.
         runner: RunnerId,
         /// Why, for the log.
         reason: String,
+        /// The runner said goodbye (it stopped on purpose): its job goes back uncounted.
+        goodbye: bool,
+    },
+    /// A runner takes no job for now.
+    Pause {
+        /// Which.
+        runner: RunnerId,
+        /// Why.
+        reason: String,
+    },
+    /// A runner takes jobs again.
+    Resume {
+        /// Which.
+        runner: RunnerId,
+    },
+    /// A runner hands a job back (it could not carry it out, or was stopped).
+    GiveBack {
+        /// The connection it came on.
+        runner: RunnerId,
+        /// The attempt.
+        job: JobId,
+        /// What went wrong.
+        reason: String,
+        /// Whether it counts.
+        cause: GiveBackCause,
     },
     /// Output of a job.
     Log {
@@ -428,12 +458,19 @@ impl Core {
                     let sink = LogSink::resume(&core.dir, &p.commit, &job, p.attempts, &addr)
                         .map_err(storage("reading a log"))?;
                     core.logs.insert(job, sink);
-                    core.sched
-                        .restore_running(p.commit, p.queued_at, job, p.attempts, Some(addr));
+                    core.sched.restore_running(
+                        p.commit,
+                        p.queued_at,
+                        job,
+                        p.attempts,
+                        Some(addr),
+                        p.failures,
+                    );
                     running += 1;
                 }
                 None => {
-                    core.sched.restore_queued(p.commit, p.queued_at, p.attempts);
+                    core.sched
+                        .restore_queued(p.commit, p.queued_at, p.attempts, p.failures);
                     queued += 1;
                 }
             }
@@ -632,38 +669,77 @@ impl Core {
             Event::RunnerJoined {
                 addr,
                 held,
+                paused,
                 tx,
                 reply,
             } => {
                 let id = RunnerId(self.next_runner);
                 self.next_runner += 1;
-                self.sched.add_runner(id, addr.clone());
+                self.sched.add_runner(id, addr.clone(), paused.is_some());
+                if let Some(reason) = paused {
+                    info!(runner = %id, addr, reason, "runner registered paused: no jobs for it until it resumes");
+                }
                 let verdict = held.map(|h| self.verdict(id, &addr, h));
                 self.runners.insert(id, tx);
                 let _ = reply.send((id, verdict));
             }
-            Event::RunnerLost { runner, reason } => {
+            Event::RunnerLost {
+                runner,
+                reason,
+                goodbye,
+            } => {
                 self.runners.remove(&runner);
-                match self.sched.remove_runner(runner, now) {
+                let lost = self.sched.remove_runner(runner, goodbye, &reason, now);
+                match &lost {
+                    Lost::Idle if goodbye => info!(runner = %runner, reason, "runner said goodbye"),
                     Lost::Idle => info!(runner = %runner, reason, "runner left"),
-                    Lost::Requeued { commit, job } => {
-                        warn!(runner = %runner, commit = %commit, reason, "runner lost mid-job; commit requeued at the front");
-                        if let Some(mut sink) = self.logs.remove(&job) {
-                            sink.note(&format!("runner lost ({reason}); commit requeued"));
-                            self.retire_log(sink);
-                        }
-                        self.journal
-                            .append(&Record::Requeued { commit })
-                            .map_err(storage("journaling a requeue"))?;
+                    Lost::Requeued { commit, .. } if goodbye => {
+                        info!(runner = %runner, commit = %commit, reason, "runner stopped mid-job; commit handed back uncounted, requeued at the front")
                     }
-                    Lost::GaveUp { job, result } => {
-                        if let Some(mut sink) = self.logs.remove(&job) {
-                            sink.note(&format!("runner lost ({reason}); giving up"));
-                            self.retire_log(sink);
-                        }
-                        warn!(runner = %runner, commit = %result.commit, attempts = result.attempts, "commit keeps losing its runner; recorded as error");
-                        batch.results.push(result);
+                    Lost::Requeued { commit, .. } => {
+                        warn!(runner = %runner, commit = %commit, reason, "runner lost mid-job; commit requeued at the front")
                     }
+                    Lost::GaveUp { result, .. } => {
+                        warn!(runner = %runner, commit = %result.commit, attempts = result.attempts, reason, "commit keeps failing without a result; recorded as error")
+                    }
+                }
+                self.attempt_ended(lost, batch)?;
+            }
+            Event::Pause { runner, reason } => {
+                info!(runner = %runner, reason, "runner paused: no jobs for it until it resumes");
+                self.sched.set_paused(runner, true);
+            }
+            Event::Resume { runner } => {
+                info!(runner = %runner, "runner resumed: it takes jobs again");
+                self.sched.set_paused(runner, false);
+            }
+            Event::GiveBack {
+                runner,
+                job,
+                reason,
+                cause,
+            } => {
+                if !self.held_by(runner, &job) {
+                    warn!(runner = %runner, job = %job, reason, "hand-back of an attempt that is not outstanding ignored");
+                    return Ok(());
+                }
+                let counted = cause == GiveBackCause::Infrastructure;
+                match self.sched.give_back(job, reason.clone(), counted, now) {
+                    Ok(lost) => {
+                        match &lost {
+                            Lost::Requeued {
+                                commit, failure, ..
+                            } => {
+                                warn!(runner = %runner, commit = %commit, job = %job, reason, cause = ?cause, counted, attempt = failure.attempt, "runner handed the commit back (not the commit's failure); requeued at the front")
+                            }
+                            Lost::GaveUp { result, .. } => {
+                                warn!(runner = %runner, commit = %result.commit, attempts = result.attempts, reason, "commit keeps failing on infrastructure; recorded as error")
+                            }
+                            Lost::Idle => {}
+                        }
+                        self.attempt_ended(lost, batch)?;
+                    }
+                    Err(e) => warn!(runner = %runner, error = %e, "hand-back refused"),
                 }
             }
             Event::Log {
@@ -750,12 +826,60 @@ impl Core {
     }
 
     fn requeue_orphans(&mut self) -> Result<(), StorageError> {
-        for commit in self.sched.requeue_orphans() {
+        for (commit, job, failure) in self.sched.requeue_orphans() {
             warn!(commit = %commit, "no runner came back for this running commit; requeued");
-            self.logs.retain(|_, s| s.commit != commit);
-            self.journal
-                .append(&Record::Requeued { commit })
-                .map_err(storage("journaling a requeue"))?;
+            self.attempt_ended(
+                Lost::Requeued {
+                    commit,
+                    job,
+                    failure,
+                },
+                &mut Batch::default(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Records what became of an attempt that ended without a result: the journal line
+    /// and a note in the commit's log, or the `error` result of a commit given up.
+    fn attempt_ended(&mut self, lost: Lost, batch: &mut Batch) -> Result<(), StorageError> {
+        match lost {
+            Lost::Idle => {}
+            Lost::Requeued {
+                commit,
+                job,
+                failure,
+            } => {
+                if let Some(mut sink) = self.logs.remove(&job) {
+                    sink.note(&format!(
+                        "attempt {} ended without a result: {}; the commit goes back to the front of the queue{}",
+                        failure.attempt,
+                        failure.reason,
+                        if failure.counted { "" } else { " (not counted as an attempt)" }
+                    ));
+                    self.retire_log(sink);
+                }
+                self.journal
+                    .append(&Record::Returned {
+                        commit,
+                        job,
+                        attempt: failure.attempt,
+                        runner: failure.runner,
+                        reason: failure.reason,
+                        counted: failure.counted,
+                    })
+                    .map_err(storage("journaling a requeue"))?;
+            }
+            Lost::GaveUp { job, result } => {
+                if let Some(mut sink) = self.logs.remove(&job) {
+                    sink.note(&format!(
+                        "giving up: {}",
+                        result.error.as_deref().unwrap_or("")
+                    ));
+                    self.retire_log(sink);
+                }
+                batch.results.push(result);
+            }
         }
         Ok(())
     }

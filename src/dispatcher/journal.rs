@@ -1,5 +1,6 @@
 //! The dispatcher's append-only journal: one JSON line per event that must survive a
-//! `kill -9` (a commit queued, an attempt assigned, a commit finished).
+//! `kill -9` (a commit queued, an attempt assigned, an attempt that ended without a result
+//! and why, a commit finished).
 //!
 //! A commit is acknowledged to the observer only after its `queued` line is fsync'd; the
 //! core loop groups all the events of one batch behind a single fsync. On start the journal
@@ -24,6 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tinyci_proto::{CommitId, JobId};
 
+use super::state::Failure;
 use crate::results::{self, ResultFile, STATE_DIR};
 
 /// One line of the journal.
@@ -48,10 +50,27 @@ pub enum Record {
         /// The runner's address.
         runner: String,
     },
-    /// A commit's attempt was lost and the commit requeued.
+    /// A commit's attempt was lost and the commit requeued (written by earlier versions;
+    /// now [`Record::Returned`] says why).
     Requeued {
         /// The commit.
         commit: CommitId,
+    },
+    /// A commit's attempt ended without a result (its runner handed it back, stopped or
+    /// was lost) and the commit went back to the queue.
+    Returned {
+        /// The commit.
+        commit: CommitId,
+        /// The attempt.
+        job: JobId,
+        /// Its number when it was handed out.
+        attempt: u32,
+        /// The runner's address.
+        runner: String,
+        /// What happened.
+        reason: String,
+        /// Whether it counts towards the maximum number of attempts.
+        counted: bool,
     },
     /// A commit's result file is written. The record carries the whole result: result
     /// files are not synced one by one, so after a power cut the journal is what restores
@@ -72,10 +91,12 @@ pub struct Pending {
     pub commit: CommitId,
     /// When it was queued.
     pub queued_at: SystemTime,
-    /// Attempts assigned so far.
+    /// Attempts that count so far.
     pub attempts: u32,
     /// The attempt outstanding when the journal ended: (job, runner address).
     pub running: Option<(JobId, String)>,
+    /// The attempts that ended without a result, oldest first.
+    pub failures: Vec<Failure>,
 }
 
 /// The open journal file.
@@ -246,6 +267,26 @@ fn records_of(p: &Pending) -> Vec<Record> {
         commit: p.commit.clone(),
         at_ms: to_ms(p.queued_at),
     }];
+    // Each failure as the assignment and the return it replays from.
+    let mut attempts = 0;
+    for f in &p.failures {
+        let job = JobId::new();
+        v.push(Record::Assigned {
+            commit: p.commit.clone(),
+            job,
+            attempt: f.attempt,
+            runner: f.runner.clone(),
+        });
+        v.push(Record::Returned {
+            commit: p.commit.clone(),
+            job,
+            attempt: f.attempt,
+            runner: f.runner.clone(),
+            reason: f.reason.clone(),
+            counted: f.counted,
+        });
+        attempts = counted_after(f.attempt, f.counted);
+    }
     match &p.running {
         Some((job, runner)) => v.push(Record::Assigned {
             commit: p.commit.clone(),
@@ -253,8 +294,8 @@ fn records_of(p: &Pending) -> Vec<Record> {
             attempt: p.attempts,
             runner: runner.clone(),
         }),
-        None if p.attempts > 0 => {
-            // Keep the attempt count: an assignment that was lost, then the requeue.
+        None if p.attempts != attempts => {
+            // Attempts lost before failures were journaled: keep the count.
             v.push(Record::Assigned {
                 commit: p.commit.clone(),
                 job: JobId::new(),
@@ -268,6 +309,15 @@ fn records_of(p: &Pending) -> Vec<Record> {
         None => {}
     }
     v
+}
+
+/// The counted attempts after attempt number `attempt` ended without a result.
+fn counted_after(attempt: u32, counted: bool) -> u32 {
+    if counted {
+        attempt
+    } else {
+        attempt.saturating_sub(1)
+    }
 }
 
 /// Rebuilds the unfinished commits, in the order they were queued, and the results the
@@ -305,6 +355,7 @@ fn replay(r: impl BufRead) -> io::Result<(Vec<Pending>, Vec<ResultFile>)> {
                             queued_at: from_ms(at_ms),
                             attempts: 0,
                             running: None,
+                            failures: Vec::new(),
                         },
                     );
                 }
@@ -323,6 +374,25 @@ fn replay(r: impl BufRead) -> io::Result<(Vec<Pending>, Vec<ResultFile>)> {
             Record::Requeued { commit } => {
                 if let Some(p) = live.get_mut(&commit) {
                     p.running = None;
+                }
+            }
+            Record::Returned {
+                commit,
+                job: _,
+                attempt,
+                runner,
+                reason,
+                counted,
+            } => {
+                if let Some(p) = live.get_mut(&commit) {
+                    p.running = None;
+                    p.attempts = counted_after(attempt, counted);
+                    p.failures.push(Failure {
+                        attempt,
+                        runner,
+                        reason,
+                        counted,
+                    });
                 }
             }
             Record::Finished { commit, result } => {
@@ -546,5 +616,75 @@ mod tests {
         fs::write(&path, "garbage\n{\"op\":\"finished\",\"commit\":\"x\"}\n").unwrap();
         let e = Journal::open(dir.path()).err().unwrap();
         assert!(e.to_string().contains("line 1 is corrupt"), "{e}");
+    }
+
+    #[test]
+    fn failures_and_uncounted_attempts_survive_replay_and_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join(STATE_DIR)).unwrap();
+        let running = JobId::new();
+        {
+            let (mut j, _) = Journal::open(dir.path()).unwrap();
+            j.append(&Record::Queued {
+                commit: c(1),
+                at_ms: 5,
+            })
+            .unwrap();
+            let returned = [
+                (1, "a", "checkout failed", true),
+                (2, "b", "the runner was stopped", false),
+                (2, "b", "the runner was lost (connection closed)", true),
+            ];
+            for (attempt, runner, reason, counted) in returned {
+                let job = JobId::new();
+                j.append(&Record::Assigned {
+                    commit: c(1),
+                    job,
+                    attempt,
+                    runner: runner.into(),
+                })
+                .unwrap();
+                j.append(&Record::Returned {
+                    commit: c(1),
+                    job,
+                    attempt,
+                    runner: runner.into(),
+                    reason: reason.into(),
+                    counted,
+                })
+                .unwrap();
+            }
+            j.append(&Record::Assigned {
+                commit: c(1),
+                job: running,
+                attempt: 3,
+                runner: "c".into(),
+            })
+            .unwrap();
+            j.sync().unwrap();
+        }
+        let check = |pending: &[Pending]| {
+            assert_eq!(pending.len(), 1);
+            let p = &pending[0];
+            assert_eq!(p.attempts, 3);
+            assert_eq!(p.running, Some((running, "c".into())));
+            let reasons: Vec<(&str, bool)> = p
+                .failures
+                .iter()
+                .map(|f| (f.reason.as_str(), f.counted))
+                .collect();
+            assert_eq!(
+                reasons,
+                [
+                    ("checkout failed", true),
+                    ("the runner was stopped", false),
+                    ("the runner was lost (connection closed)", true)
+                ]
+            );
+        };
+        let (_, pending) = Journal::open(dir.path()).unwrap();
+        check(&pending);
+        let (_, again) = Journal::open(dir.path()).unwrap();
+        check(&again);
     }
 }

@@ -24,6 +24,7 @@ use tracing::{info, warn, Instrument};
 
 use self::core::{Core, Event, StorageError};
 use self::journal::Journal;
+use crate::lock::DirLock;
 use crate::results;
 use crate::shutdown::Shutdown;
 
@@ -65,6 +66,9 @@ pub enum DispatcherError {
     /// A write that must not fail did.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// Another dispatcher owns the results directory.
+    #[error(transparent)]
+    Locked(#[from] crate::lock::LockError),
     /// The core thread died.
     #[error("the dispatcher core stopped unexpectedly")]
     CoreDied,
@@ -90,6 +94,10 @@ pub async fn run(
         source,
     };
     results::prepare_dir(&dir).map_err(open_err)?;
+    // One owner per results directory: a second dispatcher would replay and compact the
+    // journal under the first one's feet. Held until `run` returns (the kernel drops it if
+    // the process dies).
+    let _owner = DirLock::acquire(&dir.join(results::STATE_DIR), "dispatcher")?;
     let (journal, pending) = Journal::open(&dir).map_err(open_err)?;
     let finished = results::finished_commits(&dir).map_err(open_err)?;
     let grace = (config.heartbeat_timeout * 2).max(Duration::from_secs(6));
@@ -173,7 +181,7 @@ pub async fn run(
 }
 
 async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &Ctx) {
-    let _ = stream.set_nodelay(true);
+    crate::net::tune_stream(&stream);
     let mut conn = Connection::new(stream);
     let role = match conn
         .accept_hello(&[Role::Observer, Role::Runner], ctx.config.token.as_deref())
@@ -195,6 +203,10 @@ async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &Ctx) {
             return;
         }
     };
+    if ctx.shutdown.is_cancelled() {
+        // Accepted just as the dispatcher began to stop: serve nothing more.
+        return;
+    }
     let res = match role {
         Role::Observer => serve_observer(&mut conn, ctx).await,
         _ => serve_runner(&mut conn, peer, ctx).await,
@@ -257,11 +269,11 @@ async fn serve_runner(
     peer: SocketAddr,
     ctx: &Ctx,
 ) -> Result<(), ProtoError> {
-    let (addr, held) = match conn
+    let (addr, held, paused) = match conn
         .recv_within::<ToDispatcher>(HANDSHAKE_TIMEOUT, "the runner's Register")
         .await?
     {
-        ToDispatcher::Register { addr, held } => (addr, held),
+        ToDispatcher::Register { addr, held, paused } => (addr, held, paused),
         other => {
             return refuse(conn, format!("expected Register, got {}", name(&other))).await;
         }
@@ -276,6 +288,7 @@ async fn serve_runner(
         .send(Event::RunnerJoined {
             addr: addr.clone(),
             held,
+            paused: paused.map(|r| truncate(r, MAX_REASON)),
             tx,
             reply,
         })
@@ -291,17 +304,52 @@ async fn serve_runner(
         conn.send(&FromDispatcher::Registered {
             runner: id,
             held: verdict,
+            heartbeat_timeout: ctx.config.heartbeat_timeout,
         })
         .await?;
         runner_loop(conn, ctx, id, &mut rx).await
     }
     .await;
-    let reason = match &res {
-        Ok(reason) => reason.clone(),
-        Err(e) => e.to_string(),
+    let (reason, goodbye) = match &res {
+        // The dispatcher is stopping, not losing the runner: nothing is requeued or
+        // counted, and the journal keeps the job as running, so the restarted dispatcher
+        // adopts it (exactly as after a kill -9).
+        Ok(Ended::Shutdown) => return Ok(()),
+        Ok(Ended::Lost(reason)) => (reason.clone(), false),
+        Ok(Ended::Goodbye(reason)) => (reason.clone(), true),
+        Err(e) => (e.to_string(), false),
     };
-    let _ = ctx.events.send(Event::RunnerLost { runner: id, reason });
+    let _ = ctx.events.send(Event::RunnerLost {
+        runner: id,
+        reason,
+        goodbye,
+    });
     res.map(|_| ())
+}
+
+/// How a runner's connection ended (other than by an error).
+enum Ended {
+    /// The dispatcher is shutting down.
+    Shutdown,
+    /// The runner went away or went silent.
+    Lost(String),
+    /// The runner said goodbye: it stops on purpose.
+    Goodbye(String),
+}
+
+/// The longest reason from a runner that is kept (the rest is cut).
+const MAX_REASON: usize = 4096;
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
 }
 
 /// Relays between one runner and the core until the runner goes away; returns why.
@@ -310,7 +358,7 @@ async fn runner_loop(
     ctx: &Ctx,
     id: tinyci_proto::RunnerId,
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<FromDispatcher>,
-) -> Result<String, ProtoError> {
+) -> Result<Ended, ProtoError> {
     let interval = ctx.config.heartbeat_interval;
     let timeout = ctx.config.heartbeat_timeout;
     let mut ping = tokio::time::interval(interval);
@@ -320,36 +368,49 @@ async fn runner_loop(
     let mut seq = 0u64;
     loop {
         tokio::select! {
-            _ = ctx.shutdown.cancelled() => return Ok("dispatcher shutting down".into()),
-            () = &mut silence => {
-                warn!(runner = %id, timeout = ?timeout, "heartbeat timeout; removing runner");
-                return Ok(format!("no heartbeat for {timeout:?}"));
+            // Pings and messages to the runner before the runner's frames: a runner that
+            // streams output keeps `recv` always ready, and must still hear from us. (Each
+            // of those is ready only now and then, so `recv` does not starve.)
+            biased;
+            _ = ctx.shutdown.cancelled() => {
+                // Tell the runner this is a restart, not a failure: it keeps its job and
+                // reconnects at once. Best effort: the runner also notices the close.
+                let _ = conn.send(&FromDispatcher::ShuttingDown).await;
+                return Ok(Ended::Shutdown);
             }
+            out = rx.recv() => match out {
+                Some(msg) => conn.send(&msg).await?,
+                None => return Ok(Ended::Lost("dropped by the core".into())),
+            },
             _ = ping.tick() => {
                 seq += 1;
                 conn.send(&FromDispatcher::Ping { seq }).await?;
             }
-            out = rx.recv() => match out {
-                Some(msg) => conn.send(&msg).await?,
-                None => return Ok("dropped by the core".into()),
-            },
             msg = conn.recv::<ToDispatcher>() => {
                 let Some(msg) = msg? else {
-                    return Ok("connection closed".into());
+                    return Ok(Ended::Lost("connection closed".into()));
                 };
                 silence.as_mut().reset(Instant::now() + timeout);
                 let ev = match msg {
                     ToDispatcher::Pong { .. } => continue,
                     ToDispatcher::Log { job, offset, data } => Event::Log { runner: id, job, offset, data },
                     ToDispatcher::Done { job, report, log_len } => Event::Done { runner: id, job, report, log_len },
+                    ToDispatcher::Pause { reason } => Event::Pause { runner: id, reason: truncate(reason, MAX_REASON) },
+                    ToDispatcher::Resume => Event::Resume { runner: id },
+                    ToDispatcher::GiveBack { job, reason, cause } => Event::GiveBack { runner: id, job, reason: truncate(reason, MAX_REASON), cause },
+                    ToDispatcher::Goodbye { reason } => return Ok(Ended::Goodbye(truncate(reason, MAX_REASON))),
                     other => {
                         refuse(conn, format!("unexpected message from a runner: {}", name(&other))).await?;
-                        return Ok("protocol error".into());
+                        return Ok(Ended::Lost("protocol error".into()));
                     }
                 };
                 if ctx.events.send(ev).is_err() {
-                    return Ok("dispatcher shutting down".into());
+                    return Ok(Ended::Shutdown);
                 }
+            }
+            () = &mut silence => {
+                warn!(runner = %id, timeout = ?timeout, "heartbeat timeout; removing runner");
+                return Ok(Ended::Lost(format!("no heartbeat for {timeout:?}")));
             }
         }
     }
@@ -372,5 +433,9 @@ fn name(msg: &ToDispatcher) -> &'static str {
         ToDispatcher::Pong { .. } => "Pong",
         ToDispatcher::Log { .. } => "Log",
         ToDispatcher::Done { .. } => "Done",
+        ToDispatcher::Pause { .. } => "Pause",
+        ToDispatcher::Resume => "Resume",
+        ToDispatcher::GiveBack { .. } => "GiveBack",
+        ToDispatcher::Goodbye { .. } => "Goodbye",
     }
 }

@@ -6,13 +6,45 @@
 //! attempt a commit currently has outstanding may deliver output or a result; once a
 //! runner is declared lost its attempt is forgotten, so a runner that was only presumed
 //! dead (frozen, partitioned) cannot overwrite the newer attempt when it wakes up.
+//!
+//! Two kinds of failure: the commit's own (a step failed, the spec is bad) arrive as a
+//! result and are final. Everything else — the runner could not check the commit out, its
+//! origin was unreachable, it stopped, it died — is the infrastructure's: the commit goes
+//! back to the front of the queue, with the reason kept as a [`Failure`], and is never
+//! given a result for it, until the failures that *count* reach the maximum number of
+//! attempts. What counts: a runner lost without a goodbye (the commit may be killing its
+//! runners) and an infrastructure failure of the runner. What does not: a runner that was
+//! stopped on purpose and handed the job back, and a runner whose origin was unreachable
+//! (it pauses until the origin is back). The next attempt goes to a runner the commit has
+//! not failed on, when one is registered and not paused.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::SystemTime;
 
+use serde::{Deserialize, Serialize};
 use tinyci_proto::{CommitId, JobId, RunReport, RunStatus, RunnerId};
 
 use crate::results::{rfc3339, ResultFile};
+
+/// Uncounted hand-backs are not free for ever: a commit handed out this many times the
+/// maximum number of attempts is given up even if most of its failures did not count.
+pub const HANDOUT_LIMIT_FACTOR: u32 = 10;
+
+/// How the failure of an attempt whose runner was lost begins.
+const LOST: &str = "the runner was lost";
+
+/// One attempt of a commit that ended without a result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// The attempt's number as it was handed out (counted attempts, this one included).
+    pub attempt: u32,
+    /// The runner's address.
+    pub runner: String,
+    /// What happened.
+    pub reason: String,
+    /// Whether it counts towards the maximum number of attempts.
+    pub counted: bool,
+}
 
 /// What the scheduler knows about a commit that is queued or running.
 #[derive(Debug, Clone)]
@@ -30,12 +62,35 @@ pub struct Entry {
     pub runner: Option<RunnerId>,
     /// Address of the runner that had the latest attempt.
     pub runner_addr: Option<String>,
+    /// The attempts that ended without a result, oldest first.
+    pub failures: Vec<Failure>,
+}
+
+impl Entry {
+    fn new(queued_at: SystemTime) -> Entry {
+        Entry {
+            queued_at,
+            started_at: None,
+            attempts: 0,
+            job: None,
+            runner: None,
+            runner_addr: None,
+            failures: Vec::new(),
+        }
+    }
+
+    /// Runners this commit failed on in a way that counted (it should try another).
+    fn avoids(&self, addr: &str) -> bool {
+        self.failures.iter().any(|f| f.counted && f.runner == addr)
+    }
 }
 
 #[derive(Debug)]
 struct Runner {
     addr: String,
     job: Option<JobId>,
+    /// Takes no new job (origin unreachable, draining).
+    paused: bool,
 }
 
 /// A commit handed to a runner.
@@ -53,7 +108,7 @@ pub struct Assignment {
     pub attempt: u32,
 }
 
-/// What became of the job of a runner that was lost.
+/// What became of the job of a runner that was lost, or of a job handed back.
 #[derive(Debug)]
 pub enum Lost {
     /// The runner was idle.
@@ -64,6 +119,8 @@ pub enum Lost {
         commit: CommitId,
         /// The attempt that was lost.
         job: JobId,
+        /// The failure recorded for it.
+        failure: Failure,
     },
     /// Its commit has used up its attempts and is finished as `error`.
     GaveUp {
@@ -124,17 +181,7 @@ impl Scheduler {
         if self.is_known(&commit) {
             return false;
         }
-        self.active.insert(
-            commit.clone(),
-            Entry {
-                queued_at: now,
-                started_at: None,
-                attempts: 0,
-                job: None,
-                runner: None,
-                runner_addr: None,
-            },
-        );
+        self.active.insert(commit.clone(), Entry::new(now));
         self.queue.push_back(commit);
         true
     }
@@ -149,6 +196,7 @@ impl Scheduler {
         job: JobId,
         attempts: u32,
         addr: Option<String>,
+        failures: Vec<Failure>,
     ) {
         if self.is_known(&commit) {
             return;
@@ -157,28 +205,37 @@ impl Scheduler {
         self.active.insert(
             commit,
             Entry {
-                queued_at,
                 started_at: Some(queued_at),
                 attempts,
                 job: Some(job),
-                runner: None,
                 runner_addr: addr,
+                failures,
+                ..Entry::new(queued_at)
             },
         );
     }
 
-    /// Restores a queued commit from the journal (after attempts that were lost).
-    pub fn restore_queued(&mut self, commit: CommitId, queued_at: SystemTime, attempts: u32) {
+    /// Restores a queued commit from the journal (after attempts that ended without a
+    /// result).
+    pub fn restore_queued(
+        &mut self,
+        commit: CommitId,
+        queued_at: SystemTime,
+        attempts: u32,
+        failures: Vec<Failure>,
+    ) {
         if self.submit(commit.clone(), queued_at) {
             if let Some(e) = self.active.get_mut(&commit) {
                 e.attempts = attempts;
+                e.failures = failures;
             }
         }
     }
 
     /// Puts every restored attempt that no runner adopted back at the front of the queue
-    /// (oldest first). Returns the commits requeued.
-    pub fn requeue_orphans(&mut self) -> Vec<CommitId> {
+    /// (oldest first), each with a counted failure. Returns the commits requeued, with the
+    /// lost attempt and its failure.
+    pub fn requeue_orphans(&mut self) -> Vec<(CommitId, JobId, Failure)> {
         let mut orphans: Vec<(SystemTime, CommitId)> = self
             .active
             .iter()
@@ -186,48 +243,103 @@ impl Scheduler {
             .map(|(c, e)| (e.queued_at, c.clone()))
             .collect();
         orphans.sort();
+        let mut out = Vec::new();
         for (_, c) in orphans.iter().rev() {
-            if let Some(e) = self.active.get_mut(c) {
-                if let Some(job) = e.job.take() {
-                    self.jobs.remove(&job);
-                }
-            }
+            let Some(e) = self.active.get_mut(c) else {
+                continue;
+            };
+            let Some(job) = e.job.take() else { continue };
+            self.jobs.remove(&job);
+            let failure = Failure {
+                attempt: e.attempts,
+                runner: e.runner_addr.clone().unwrap_or_default(),
+                reason: "its runner did not come back after the dispatcher restarted".into(),
+                counted: true,
+            };
+            e.failures.push(failure.clone());
             self.queue.push_front(c.clone());
+            out.push((c.clone(), job, failure));
         }
-        orphans.into_iter().map(|(_, c)| c).collect()
+        out.reverse();
+        out
     }
 
-    /// Adds a registered runner to the idle pool.
-    pub fn add_runner(&mut self, id: RunnerId, addr: String) {
-        self.runners.insert(id, Runner { addr, job: None });
-        self.idle.push_back(id);
+    /// Adds a registered runner to the pool: idle, or paused (takes no job) when `paused`.
+    pub fn add_runner(&mut self, id: RunnerId, addr: String, paused: bool) {
+        self.runners.insert(
+            id,
+            Runner {
+                addr,
+                job: None,
+                paused,
+            },
+        );
+        if !paused {
+            self.idle.push_back(id);
+        }
+    }
+
+    /// Pauses a runner (it takes no new job; a job it holds goes on) or lets it take jobs
+    /// again.
+    pub fn set_paused(&mut self, id: RunnerId, paused: bool) {
+        let Some(r) = self.runners.get_mut(&id) else {
+            return;
+        };
+        r.paused = paused;
+        if paused {
+            self.idle.retain(|x| *x != id);
+        } else if r.job.is_none() && !self.idle.contains(&id) {
+            self.idle.push_back(id);
+        }
     }
 
     /// A newly registered runner announces it still runs `job`. If that attempt is
-    /// outstanding and has no live runner (it was restored from the journal), the runner
-    /// takes it over and `true` is returned.
+    /// outstanding and has no live runner (it was restored from the journal), or is held
+    /// by an earlier registration of the same runner (same address: it reconnected before
+    /// its old connection was noticed dead), the runner takes it over and `true` is
+    /// returned. The earlier registration keeps no job, so its loss costs nothing.
     pub fn adopt(&mut self, id: RunnerId, job: JobId) -> bool {
         let Some(commit) = self.jobs.get(&job) else {
             return false;
         };
+        let Some(entry) = self.active.get(commit) else {
+            return false;
+        };
+        let Some(addr) = self.runners.get(&id).map(|r| r.addr.clone()) else {
+            return false;
+        };
+        if self.runners.get(&id).is_some_and(|r| r.job.is_some()) {
+            return false;
+        }
+        if let Some(old) = entry.runner.filter(|old| *old != id) {
+            match self.runners.get_mut(&old) {
+                Some(o) if o.addr == addr && o.job == Some(job) => o.job = None,
+                _ => return false,
+            }
+        }
         let Some(entry) = self.active.get_mut(commit) else {
             return false;
         };
-        let Some(runner) = self.runners.get_mut(&id) else {
-            return false;
-        };
-        if entry.runner.is_some() || runner.job.is_some() {
-            return false;
-        }
         entry.runner = Some(id);
-        entry.runner_addr = Some(runner.addr.clone());
-        runner.job = Some(job);
+        entry.runner_addr = Some(addr);
+        if let Some(runner) = self.runners.get_mut(&id) {
+            runner.job = Some(job);
+        }
         self.idle.retain(|r| *r != id);
         true
     }
 
-    /// Removes a runner (connection lost or heartbeats missed) and deals with its job.
-    pub fn remove_runner(&mut self, id: RunnerId, now: SystemTime) -> Lost {
+    /// Removes a runner whose connection ended and deals with its job. `said_goodbye`: the
+    /// runner stopped on purpose (its job goes back without counting); otherwise it was
+    /// lost (connection failed, heartbeats missed) and the attempt counts, which is how a
+    /// commit that kills its runners is caught.
+    pub fn remove_runner(
+        &mut self,
+        id: RunnerId,
+        said_goodbye: bool,
+        reason: &str,
+        now: SystemTime,
+    ) -> Lost {
         self.idle.retain(|r| *r != id);
         let Some(runner) = self.runners.remove(&id) else {
             return Lost::Idle;
@@ -235,46 +347,112 @@ impl Scheduler {
         let Some(job) = runner.job else {
             return Lost::Idle;
         };
-        let Some(commit) = self.jobs.remove(&job) else {
-            return Lost::Idle;
+        let reason = if said_goodbye {
+            format!("the runner stopped ({reason})")
+        } else {
+            format!("{LOST} ({reason})")
         };
-        let Some(entry) = self.active.get_mut(&commit) else {
-            return Lost::Idle;
-        };
+        self.end_attempt(job, &runner.addr, reason, !said_goodbye, now)
+            .unwrap_or(Lost::Idle)
+    }
+
+    /// The runner holding `job` handed it back: it could not carry it out for a reason
+    /// that is not the commit's. `counted`: whether the attempt counts towards the
+    /// maximum. The runner stays in the pool (idle unless paused).
+    pub fn give_back(
+        &mut self,
+        job: JobId,
+        reason: String,
+        counted: bool,
+        now: SystemTime,
+    ) -> Result<Lost, Refusal> {
+        let commit = self.jobs.get(&job).ok_or(Refusal::NotOutstanding(job))?;
+        let id = self
+            .active
+            .get(commit)
+            .and_then(|e| e.runner)
+            .ok_or(Refusal::NotOutstanding(job))?;
+        let runner = self
+            .runners
+            .get_mut(&id)
+            .ok_or(Refusal::NotOutstanding(job))?;
+        runner.job = None;
+        let addr = runner.addr.clone();
+        if !runner.paused {
+            self.idle.push_back(id);
+        }
+        self.end_attempt(job, &addr, reason, counted, now)
+            .ok_or(Refusal::NotOutstanding(job))
+    }
+
+    /// Ends attempt `job` without a result: records the failure and requeues the commit at
+    /// the front, or gives it up once its counted failures (or all its hand-outs) reach
+    /// the limit. The runner's own bookkeeping is the caller's.
+    fn end_attempt(
+        &mut self,
+        job: JobId,
+        addr: &str,
+        reason: String,
+        counted: bool,
+        now: SystemTime,
+    ) -> Option<Lost> {
+        let commit = self.jobs.remove(&job)?;
+        let entry = self.active.get_mut(&commit)?;
         entry.job = None;
         entry.runner = None;
-        if entry.attempts >= self.max_attempts {
-            let entry = self.active.remove(&commit).expect("entry present");
-            self.finished.insert(commit.clone());
-            let error = format!(
-                "gave up after {} attempts: the runner was lost during every one (last: {}); \
-                 the commit may be killing its runner",
-                entry.attempts, runner.addr
-            );
-            let result = ResultFile {
-                commit,
-                status: RunStatus::Error,
-                steps: Vec::new(),
-                runner: entry.runner_addr.clone(),
-                attempts: entry.attempts,
-                queued_at: rfc3339(entry.queued_at),
-                started_at: entry.started_at.map(rfc3339),
-                finished_at: rfc3339(now),
-                error: Some(error),
-            };
-            return Lost::GaveUp { job, result };
+        let failure = Failure {
+            attempt: entry.attempts,
+            runner: addr.to_owned(),
+            reason,
+            counted,
+        };
+        entry.failures.push(failure.clone());
+        if !counted {
+            entry.attempts = entry.attempts.saturating_sub(1);
         }
-        self.queue.push_front(commit.clone());
-        Lost::Requeued { commit, job }
+        let handouts = entry.failures.len() as u32;
+        let exhausted = counted && entry.attempts >= self.max_attempts;
+        if !exhausted && handouts < self.max_attempts.saturating_mul(HANDOUT_LIMIT_FACTOR) {
+            self.queue.push_front(commit.clone());
+            return Some(Lost::Requeued {
+                commit,
+                job,
+                failure,
+            });
+        }
+        let entry = self.active.remove(&commit)?;
+        self.finished.insert(commit.clone());
+        let result = ResultFile {
+            commit,
+            status: RunStatus::Error,
+            steps: Vec::new(),
+            runner: entry.runner_addr.clone(),
+            attempts: entry.attempts,
+            queued_at: rfc3339(entry.queued_at),
+            started_at: entry.started_at.map(rfc3339),
+            finished_at: rfc3339(now),
+            error: Some(give_up_message(&entry, exhausted)),
+        };
+        Some(Lost::GaveUp { job, result })
     }
 
     /// Pairs idle runners with queued commits, oldest commit and longest-idle runner first.
+    ///
+    /// A commit that failed (in a way that counted) on a runner goes to another one: to
+    /// an idle runner it has not failed on, or, if none is idle but such a runner is
+    /// registered and not paused, it waits for it (later commits go first meanwhile). Only
+    /// when every available runner has failed it does it go to one of them again.
     pub fn assign(&mut self, now: SystemTime) -> Vec<Assignment> {
         let mut out = Vec::new();
-        while !self.queue.is_empty() && !self.idle.is_empty() {
-            let (Some(commit), Some(id)) = (self.queue.pop_front(), self.idle.pop_front()) else {
+        let mut from = 0;
+        while from < self.queue.len() && !self.idle.is_empty() {
+            let Some((at, slot)) = self.next_pair(from) else {
                 break;
             };
+            let (Some(commit), Some(id)) = (self.queue.remove(at), self.idle.remove(slot)) else {
+                break;
+            };
+            from = at;
             let (Some(entry), Some(runner)) =
                 (self.active.get_mut(&commit), self.runners.get_mut(&id))
             else {
@@ -301,6 +479,29 @@ impl Scheduler {
         out
     }
 
+    /// The first queued commit at or after `from` that can go to an idle runner now, with
+    /// that runner's place in the idle list.
+    fn next_pair(&self, from: usize) -> Option<(usize, usize)> {
+        for (at, commit) in self.queue.iter().enumerate().skip(from) {
+            let Some(entry) = self.active.get(commit) else {
+                continue;
+            };
+            if entry.failures.is_empty() {
+                return Some((at, 0)); // the common case: the longest-idle runner
+            }
+            let fresh =
+                |id: &RunnerId| self.runners.get(id).is_some_and(|r| !entry.avoids(&r.addr));
+            if let Some(slot) = self.idle.iter().position(fresh) {
+                return Some((at, slot));
+            }
+            let another_may_come = self.runners.iter().any(|(id, r)| !r.paused && fresh(id));
+            if !another_may_come {
+                return Some((at, 0));
+            }
+        }
+        None
+    }
+
     /// The commit whose outstanding attempt is `job`, if it is outstanding.
     pub fn outstanding(&self, job: &JobId) -> Option<&CommitId> {
         self.jobs.get(job)
@@ -322,7 +523,9 @@ impl Scheduler {
         if let Some(id) = entry.runner {
             if let Some(r) = self.runners.get_mut(&id) {
                 r.job = None;
-                self.idle.push_back(id);
+                if !r.paused {
+                    self.idle.push_back(id);
+                }
             }
         }
         self.finished.insert(commit.clone());
@@ -348,6 +551,44 @@ impl Scheduler {
     pub fn queued(&self) -> usize {
         self.queue.len()
     }
+}
+
+/// The `error` of a commit given up: how many attempts, and every attempt's runner and
+/// reason.
+fn give_up_message(entry: &Entry, exhausted: bool) -> String {
+    let mut msg = if exhausted {
+        format!(
+            "gave up after {} attempts that failed for reasons that are not the commit's",
+            entry.attempts
+        )
+    } else {
+        format!(
+            "gave up after {} hand-outs to runners without a result",
+            entry.failures.len()
+        )
+    };
+    let lost_only = entry
+        .failures
+        .iter()
+        .filter(|f| f.counted)
+        .all(|f| f.reason.starts_with(LOST));
+    if exhausted && lost_only {
+        msg.push_str(" (the runner was lost every time: the commit may be killing its runner)");
+    }
+    let attempts: Vec<String> = entry
+        .failures
+        .iter()
+        .map(|f| {
+            format!(
+                "attempt {} on {}: {}{}",
+                f.attempt,
+                if f.runner.is_empty() { "?" } else { &f.runner },
+                f.reason,
+                if f.counted { "" } else { " (not counted)" }
+            )
+        })
+        .collect();
+    format!("{msg}: {}", attempts.join("; "))
 }
 
 #[cfg(test)]
@@ -382,8 +623,8 @@ mod tests {
         for n in 1..=3 {
             assert!(s.submit(c(n), now()));
         }
-        s.add_runner(RunnerId(1), "a".into());
-        s.add_runner(RunnerId(2), "b".into());
+        s.add_runner(RunnerId(1), "a".into(), false);
+        s.add_runner(RunnerId(2), "b".into(), false);
         let a = s.assign(now());
         assert_eq!(a.len(), 2);
         assert_eq!((a[0].commit.clone(), a[0].runner), (c(1), RunnerId(1)));
@@ -399,7 +640,7 @@ mod tests {
         let mut s = Scheduler::new(3);
         assert!(s.submit(c(1), now()));
         assert!(!s.submit(c(1), now()), "queued");
-        s.add_runner(RunnerId(1), "a".into());
+        s.add_runner(RunnerId(1), "a".into(), false);
         let a = s.assign(now());
         assert!(!s.submit(c(1), now()), "running");
         s.finish(a[0].job, ok(), now()).unwrap();
@@ -413,12 +654,12 @@ mod tests {
         let mut s = Scheduler::new(3);
         s.submit(c(1), now());
         s.submit(c(2), now());
-        s.add_runner(RunnerId(1), "a".into());
+        s.add_runner(RunnerId(1), "a".into(), false);
         let first = s.assign(now()).remove(0);
         assert!(
-            matches!(s.remove_runner(RunnerId(1), now()), Lost::Requeued { ref commit, .. } if *commit == c(1))
+            matches!(s.remove_runner(RunnerId(1), false, "gone", now()), Lost::Requeued { ref commit, .. } if *commit == c(1))
         );
-        s.add_runner(RunnerId(2), "b".into());
+        s.add_runner(RunnerId(2), "b".into(), false);
         let second = s.assign(now()).remove(0);
         assert_eq!(second.commit, c(1), "requeued commit goes first");
         assert_eq!(second.attempt, 2);
@@ -439,22 +680,29 @@ mod tests {
         s.submit(c(1), now());
         s.submit(c(2), now());
         for id in 1..=2 {
-            s.add_runner(RunnerId(id), format!("r{id}"));
+            s.add_runner(RunnerId(id), format!("r{id}"), false);
             let a = s.assign(now());
             assert_eq!(a[0].commit, c(1));
-            let lost = s.remove_runner(RunnerId(id), now());
+            let lost = s.remove_runner(RunnerId(id), false, "gone", now());
             if id == 1 {
-                assert!(matches!(lost, Lost::Requeued { .. }));
+                assert!(matches!(lost, Lost::Requeued { ref failure, .. } if failure.counted));
             } else {
                 let Lost::GaveUp { result, .. } = lost else {
                     panic!("expected to give up")
                 };
                 assert_eq!(result.status, RunStatus::Error);
                 assert_eq!(result.attempts, 2);
-                assert!(result.error.unwrap().contains("gave up after 2 attempts"));
+                let error = result.error.unwrap();
+                assert!(error.contains("gave up after 2 attempts"), "{error}");
+                assert!(error.contains("may be killing its runner"), "{error}");
+                assert!(
+                    error.contains("attempt 1 on r1: the runner was lost (gone)"),
+                    "{error}"
+                );
+                assert!(error.contains("attempt 2 on r2"), "{error}");
             }
         }
-        s.add_runner(RunnerId(9), "r9".into());
+        s.add_runner(RunnerId(9), "r9".into(), false);
         assert_eq!(s.assign(now())[0].commit, c(2), "the pool goes on");
         assert!(!s.submit(c(1), now()), "the given-up commit is finished");
     }
@@ -462,8 +710,11 @@ mod tests {
     #[test]
     fn idle_runner_loss_changes_nothing() {
         let mut s = Scheduler::new(3);
-        s.add_runner(RunnerId(1), "a".into());
-        assert!(matches!(s.remove_runner(RunnerId(1), now()), Lost::Idle));
+        s.add_runner(RunnerId(1), "a".into(), false);
+        assert!(matches!(
+            s.remove_runner(RunnerId(1), false, "gone", now()),
+            Lost::Idle
+        ));
         s.submit(c(1), now());
         assert!(s.assign(now()).is_empty());
         assert_eq!(s.queued(), 1);
@@ -473,16 +724,195 @@ mod tests {
     fn restored_attempt_is_adopted_or_requeued() {
         let mut s = Scheduler::new(3);
         let job = JobId::new();
-        s.restore_running(c(1), now(), job, 1, Some("a".into()));
-        s.restore_running(c(2), now(), JobId::new(), 1, None);
-        s.add_runner(RunnerId(1), "a".into());
+        s.restore_running(c(1), now(), job, 1, Some("a".into()), Vec::new());
+        s.restore_running(c(2), now(), JobId::new(), 1, None, Vec::new());
+        s.add_runner(RunnerId(1), "a".into(), false);
         assert!(!s.adopt(RunnerId(1), JobId::new()), "unknown job");
         assert!(s.adopt(RunnerId(1), job));
         assert!(s.assign(now()).is_empty(), "adopting runner is busy");
-        assert_eq!(s.requeue_orphans(), vec![c(2)]);
-        s.add_runner(RunnerId(2), "b".into());
+        let orphans = s.requeue_orphans();
+        assert_eq!(orphans.len(), 1);
+        assert_eq!(orphans[0].0, c(2));
+        assert!(orphans[0].2.counted);
+        s.add_runner(RunnerId(2), "b".into(), false);
         assert_eq!(s.assign(now())[0].commit, c(2));
         let r = s.finish(job, ok(), now()).unwrap();
+        assert_eq!(r.attempts, 1);
+    }
+
+    #[test]
+    fn infrastructure_failure_requeues_at_the_front_and_prefers_another_runner() {
+        let mut s = Scheduler::new(3);
+        s.submit(c(1), now());
+        s.submit(c(2), now());
+        s.add_runner(RunnerId(1), "a".into(), false);
+        s.add_runner(RunnerId(2), "b".into(), false);
+        let first = s.assign(now());
+        assert_eq!(
+            (first[0].commit.clone(), first[0].runner),
+            (c(1), RunnerId(1))
+        );
+        assert_eq!(
+            (first[1].commit.clone(), first[1].runner),
+            (c(2), RunnerId(2))
+        );
+        let lost = s
+            .give_back(first[0].job, "checkout failed".into(), true, now())
+            .unwrap();
+        assert!(matches!(lost, Lost::Requeued { ref commit, .. } if *commit == c(1)));
+        // c(1) failed on a, and b (busy) has not had it: it waits for b, and a takes the
+        // next commit instead.
+        s.submit(c(3), now());
+        let next = s.assign(now());
+        assert_eq!(
+            (next[0].commit.clone(), next[0].runner),
+            (c(3), RunnerId(1))
+        );
+        s.finish(first[1].job, ok(), now()).unwrap();
+        let retry = s.assign(now());
+        assert_eq!(
+            (retry[0].commit.clone(), retry[0].runner),
+            (c(1), RunnerId(2))
+        );
+        assert_eq!(retry[0].attempt, 2);
+        // The late result of the handed-back attempt is refused.
+        assert!(s.finish(first[0].job, ok(), now()).is_err());
+        let r = s.finish(retry[0].job, ok(), now()).unwrap();
+        assert_eq!((r.status, r.attempts), (RunStatus::Success, 2));
+        assert_eq!(r.error, None, "a result that exists is the commit's own");
+    }
+
+    #[test]
+    fn a_commit_failing_on_every_runner_is_given_up_listing_each_attempt() {
+        let mut s = Scheduler::new(3);
+        s.submit(c(1), now());
+        s.add_runner(RunnerId(1), "a".into(), false);
+        s.add_runner(RunnerId(2), "b".into(), false);
+        let mut runners = Vec::new();
+        for n in 1..=3 {
+            let a = s.assign(now());
+            assert_eq!(a.len(), 1);
+            assert_eq!(a[0].attempt, n);
+            runners.push(a[0].addr.clone());
+            let lost = s
+                .give_back(a[0].job, format!("disk full #{n}"), true, now())
+                .unwrap();
+            if n < 3 {
+                assert!(matches!(lost, Lost::Requeued { .. }));
+            } else {
+                let Lost::GaveUp { result, .. } = lost else {
+                    panic!("expected to give up")
+                };
+                assert_eq!((result.status, result.attempts), (RunStatus::Error, 3));
+                let e = result.error.unwrap();
+                assert!(e.contains("gave up after 3 attempts"), "{e}");
+                assert!(!e.contains("killing its runner"), "{e}");
+                for k in 1..=3 {
+                    assert!(e.contains(&format!("disk full #{k}")), "{e}");
+                }
+            }
+        }
+        assert_eq!(runners, ["a", "b", "a"], "alternates between runners");
+        assert!(!s.submit(c(1), now()), "given up is finished");
+    }
+
+    #[test]
+    fn uncounted_hand_backs_and_goodbyes_do_not_use_up_attempts() {
+        let mut s = Scheduler::new(2);
+        s.submit(c(1), now());
+        s.add_runner(RunnerId(1), "a".into(), false);
+        for _ in 0..5 {
+            let a = s.assign(now()).remove(0);
+            assert_eq!(a.attempt, 1);
+            let lost = s
+                .give_back(a.job, "the runner was stopped".into(), false, now())
+                .unwrap();
+            assert!(matches!(lost, Lost::Requeued { ref failure, .. } if !failure.counted));
+        }
+        // A runner that leaves with a goodbye hands its job back uncounted too.
+        let a = s.assign(now()).remove(0);
+        assert_eq!(a.attempt, 1);
+        let lost = s.remove_runner(RunnerId(1), true, "draining timed out", now());
+        assert!(matches!(lost, Lost::Requeued { ref failure, .. } if !failure.counted));
+        s.add_runner(RunnerId(2), "b".into(), false);
+        let a = s.assign(now()).remove(0);
+        assert_eq!(a.attempt, 1);
+        let r = s.finish(a.job, ok(), now()).unwrap();
+        assert_eq!(r.attempts, 1);
+    }
+
+    #[test]
+    fn endless_uncounted_hand_backs_are_bounded() {
+        let mut s = Scheduler::new(1);
+        s.submit(c(1), now());
+        s.add_runner(RunnerId(1), "a".into(), false);
+        let mut gave_up = None;
+        for _ in 0..HANDOUT_LIMIT_FACTOR {
+            let a = s.assign(now()).remove(0);
+            match s.give_back(a.job, "origin unreachable".into(), false, now()) {
+                Ok(Lost::GaveUp { result, .. }) => gave_up = Some(result),
+                Ok(_) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let r = gave_up.expect("given up at the hand-out limit");
+        assert_eq!(r.status, RunStatus::Error);
+        assert!(r.error.unwrap().contains("hand-outs"));
+    }
+
+    #[test]
+    fn paused_runners_take_no_job_until_resumed() {
+        let mut s = Scheduler::new(3);
+        s.add_runner(RunnerId(1), "a".into(), true);
+        s.submit(c(1), now());
+        assert!(s.assign(now()).is_empty(), "registered paused");
+        s.set_paused(RunnerId(1), false);
+        let a = s.assign(now()).remove(0);
+        // Paused while busy: the job goes on, but no next one.
+        s.set_paused(RunnerId(1), true);
+        s.submit(c(2), now());
+        s.finish(a.job, ok(), now()).unwrap();
+        assert!(s.assign(now()).is_empty());
+        s.set_paused(RunnerId(1), false);
+        s.set_paused(RunnerId(1), false);
+        let b = s.assign(now());
+        assert_eq!(b.len(), 1, "resumed once, idle once");
+        assert_eq!(b[0].commit, c(2));
+    }
+
+    #[test]
+    fn a_commit_goes_back_to_a_runner_it_failed_on_when_the_others_are_paused() {
+        let mut s = Scheduler::new(3);
+        s.submit(c(1), now());
+        s.add_runner(RunnerId(1), "a".into(), false);
+        s.add_runner(RunnerId(2), "b".into(), true);
+        let a = s.assign(now()).remove(0);
+        s.give_back(a.job, "checkout failed".into(), true, now())
+            .unwrap();
+        let again = s.assign(now());
+        assert_eq!(again.len(), 1, "b is paused, so a tries again");
+        assert_eq!(again[0].runner, RunnerId(1));
+    }
+
+    #[test]
+    fn a_runner_that_reconnects_before_its_old_connection_is_noticed_keeps_its_job() {
+        let mut s = Scheduler::new(3);
+        s.submit(c(1), now());
+        s.add_runner(RunnerId(1), "a".into(), false);
+        let a = s.assign(now()).remove(0);
+        // Same runner (same address), new connection, announcing the job.
+        s.add_runner(RunnerId(2), "a".into(), false);
+        assert!(s.adopt(RunnerId(2), a.job));
+        // The old connection is noticed dead later: nothing is requeued or counted.
+        assert!(matches!(
+            s.remove_runner(RunnerId(1), false, "gone", now()),
+            Lost::Idle
+        ));
+        assert_eq!(s.queued(), 0);
+        // Another runner cannot take it.
+        s.add_runner(RunnerId(3), "b".into(), false);
+        assert!(!s.adopt(RunnerId(3), a.job));
+        let r = s.finish(a.job, ok(), now()).unwrap();
         assert_eq!(r.attempts, 1);
     }
 }

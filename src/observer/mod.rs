@@ -221,7 +221,6 @@ impl Link {
                     Ok(c) => {
                         info!(dispatcher = %self.addr, "connected to the dispatcher");
                         self.conn = Some(c);
-                        self.backoff.reset();
                     }
                     Err(e) if e.is_permanent() => return Err(e),
                     Err(e) => {
@@ -237,6 +236,9 @@ impl Link {
             };
             match exchange(conn, batch).await {
                 Ok((queued, known)) => {
+                    // Only an answered submission proves the link: a dispatcher that
+                    // accepts connections and then fails them must not be hammered.
+                    self.backoff.reset();
                     info!(commits = batch.len(), queued, known, last = %batch[batch.len() - 1], "submitted");
                     return Ok(batch.last());
                 }

@@ -1,6 +1,7 @@
 //! One job on a runner: check the commit out, read its steps, run them in order, and
 //! stream their output — all reported as [`JobEvent`]s on a channel, ending with exactly
-//! one [`JobEvent::Finished`].
+//! one [`JobEvent::Finished`] (the commit's verdict) or [`JobEvent::Infra`] (the job could
+//! not be carried out, for a reason that is not the commit's: the runner hands it back).
 //!
 //! Each step runs as `sh -e -c RUN` under a per-step supervisor ([`super::supervisor`]),
 //! in a process group of its own. When the step's shell exits, times out or the job is
@@ -109,6 +110,9 @@ async fn send_control(control: &mut Option<ChildStdin>, byte: u8) {
 pub enum JobEvent {
     /// More output (whole lines, prefixed `[step] `).
     Output(Vec<u8>),
+    /// The checkout is done and the steps begin. Until then a stopping runner does not
+    /// wait for the job: nothing of the commit's has run yet.
+    StepsStarted,
     /// The job ended with a verdict on the commit; nothing follows.
     Finished(RunReport),
     /// The job could not be carried out for a reason that is not the commit's (fetch or
@@ -208,10 +212,13 @@ fn error_report(out: &Output, steps: Vec<StepReport>, message: String) -> RunRep
     }
 }
 
+/// The reason a job cancelled by its runner ends with.
+pub const STOPPED: &str = "the runner was stopped";
+
 /// The failure of a job that was stopped before it ended.
 fn stopped() -> InfraFailure {
     InfraFailure {
-        reason: "the runner was stopped".into(),
+        reason: STOPPED.into(),
         origin_unreachable: false,
     }
 }
@@ -277,6 +284,7 @@ async fn run_job(
         Err(report) => return Ok(report),
     };
     let repo = repo.as_path();
+    let _ = out.events.send(JobEvent::StepsStarted);
     let mut steps = Vec::with_capacity(spec.steps.len());
     let mut failed = false;
     for step in &spec.steps {

@@ -6,6 +6,20 @@
 //! connection: when the dispatcher goes away the runner keeps running (and keeps the job's
 //! output and result), reconnects with backoff, announces the job when it registers again,
 //! and resends from the offset the dispatcher names — or drops the job if told to.
+//!
+//! A job that cannot be carried out for a reason that is not the commit's (checkout
+//! failed, origin unreachable, the runner is stopping) is handed back
+//! ([`ToDispatcher::GiveBack`]), never reported as a result. While its origin is
+//! unreachable the runner pauses: it tells the dispatcher to assign it nothing, and probes
+//! the origin with backoff until it answers.
+//!
+//! Stopping: the first SIGTERM/Ctrl-C drains — no new job, the running one finishes (its
+//! checkout is not waited for) and is reported, then the runner says goodbye and exits. A
+//! second signal, or `--drain-timeout`, kills the job's steps and hands the commit back
+//! uncounted.
+//!
+//! Partitions: a runner that hears nothing from the dispatcher (pings included) for twice
+//! the heartbeat timeout the dispatcher announced drops the connection and connects again.
 
 pub mod job;
 pub mod supervisor;
@@ -15,27 +29,39 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tinyci_proto::{
-    CommitId, Connection, FromDispatcher, FromRunner, HeldJob, HeldVerdict, JobId, ProtoError,
-    Role, RunReport, ToDispatcher, ToRunner, HANDSHAKE_TIMEOUT,
+    CommitId, Connection, FromDispatcher, FromRunner, GiveBackCause, HeldJob, HeldVerdict, JobId,
+    ProtoError, Role, RunReport, ToDispatcher, ToRunner, HANDSHAKE_TIMEOUT,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
-use self::job::JobEvent;
+use self::job::{InfraFailure, JobEvent};
+use crate::git::Workspace;
 use crate::net::{self, Backoff};
 use crate::shutdown::Shutdown;
 
 /// Default cap on one job's output; the rest is discarded with a marker line.
 pub const DEFAULT_OUTPUT_CAP: u64 = 16 * 1024 * 1024;
 
+/// Default bound on how long a stopping runner waits for its running job.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Log frames carry at most this much output.
 const MAX_LOG_CHUNK: usize = 1024 * 1024;
 
-/// How long a shutting-down runner waits for its job's processes to be killed.
+/// How long a stopping runner waits for its job's processes to be killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Probes of an unreachable origin start this often and back off to [`PROBE_MAX`].
+const PROBE_MIN: Duration = Duration::from_millis(500);
+const PROBE_MAX: Duration = Duration::from_secs(30);
+
+/// What a paused runner says when asked why while it stops.
+const STOPPING: &str = "the runner is stopping";
 
 /// Runner settings.
 #[derive(Debug, Clone)]
@@ -48,6 +74,8 @@ pub struct Config {
     pub token: Option<String>,
     /// Most output kept per job.
     pub output_cap: u64,
+    /// How long a drain (first signal) waits for the running job before stopping it.
+    pub drain_timeout: Duration,
     /// How the clone may be treated, and the deadlines of fetches.
     pub workspace: crate::git::WorkspaceOptions,
 }
@@ -81,7 +109,19 @@ pub fn harden_process() {
     }
 }
 
-/// The job this runner holds, from assignment until the dispatcher acknowledges its result.
+/// How a job ended, as the runner will tell the dispatcher.
+enum JobEnd {
+    /// The commit's verdict.
+    Report(RunReport),
+    /// Not the commit's doing: the commit goes back to the queue.
+    GiveBack {
+        reason: String,
+        cause: GiveBackCause,
+    },
+}
+
+/// The job this runner holds, from assignment until the dispatcher acknowledges its result
+/// (or it is handed back).
 struct ActiveJob {
     id: JobId,
     commit: CommitId,
@@ -90,7 +130,11 @@ struct ActiveJob {
     output: Vec<u8>,
     /// How much of `output` the dispatcher has (or has been sent on this connection).
     sent: usize,
-    report: Option<RunReport>,
+    end: Option<JobEnd>,
+    /// The checkout is done and the steps run (a drain waits for the job from then on).
+    steps_started: bool,
+    /// We cancelled the job because the runner stops: whatever its end, it is withdrawn.
+    withdrawing: Option<Instant>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -98,7 +142,7 @@ struct ActiveJob {
 impl ActiveJob {
     fn start(
         config: &Config,
-        workspace: &Arc<tokio::sync::Mutex<crate::git::Workspace>>,
+        workspace: &Arc<tokio::sync::Mutex<Workspace>>,
         id: JobId,
         commit: CommitId,
         parent: &Shutdown,
@@ -122,30 +166,72 @@ impl ActiveJob {
             events,
             output: Vec::new(),
             sent: 0,
-            report: None,
+            end: None,
+            steps_started: false,
+            withdrawing: None,
             cancel,
             task,
         }
     }
 
-    /// Takes every event already waiting from the job.
-    fn drain(&mut self) {
-        while self.report.is_none() {
+    /// Takes one event of the job. Returns why the runner must pause, if the job found
+    /// its origin unreachable.
+    fn absorb(&mut self, ev: JobEvent) -> Option<String> {
+        match ev {
+            JobEvent::Output(bytes) => self.output.extend_from_slice(&bytes),
+            JobEvent::StepsStarted => self.steps_started = true,
+            JobEvent::Finished(report) => {
+                info!(commit = %self.commit, status = ?report.status, "job finished");
+                self.end = Some(JobEnd::Report(report));
+            }
+            JobEvent::Infra(InfraFailure {
+                reason,
+                origin_unreachable,
+            }) => {
+                let cause = if self.withdrawing.is_some() {
+                    GiveBackCause::Withdrawn
+                } else if origin_unreachable {
+                    GiveBackCause::OriginUnreachable
+                } else {
+                    GiveBackCause::Infrastructure
+                };
+                warn!(commit = %self.commit, reason, cause = ?cause, "the job could not be carried out; handing the commit back");
+                let pause = (cause == GiveBackCause::OriginUnreachable)
+                    .then(|| format!("origin unreachable ({reason})"));
+                self.end = Some(JobEnd::GiveBack { reason, cause });
+                return pause;
+            }
+        }
+        None
+    }
+
+    /// Takes every event already waiting from the job; returns a pause reason as
+    /// [`ActiveJob::absorb`] does.
+    fn drain(&mut self) -> Option<String> {
+        let mut pause = None;
+        while self.end.is_none() {
             match self.events.try_recv() {
-                Ok(JobEvent::Output(bytes)) => self.output.extend_from_slice(&bytes),
-                Ok(JobEvent::Finished(report)) => self.report = Some(report),
-                Ok(JobEvent::Infra(failure)) => self.report = Some(infra_report(failure)),
+                Ok(ev) => pause = self.absorb(ev).or(pause),
                 Err(_) => break,
             }
         }
+        pause
     }
 
     fn held(&self) -> HeldJob {
         HeldJob {
             job: self.id,
             commit: self.commit.clone(),
-            finished: self.report.is_some(),
+            finished: self.end.is_some(),
         }
+    }
+
+    /// Kills the job's steps; it then ends (as withdrawn) on its own.
+    fn withdraw(&mut self) {
+        if self.withdrawing.is_none() {
+            self.withdrawing = Some(Instant::now() + STOP_TIMEOUT);
+        }
+        self.cancel.cancel();
     }
 
     /// Kills the job's processes and waits (bounded) for it to end.
@@ -160,6 +246,15 @@ impl ActiveJob {
 struct Status {
     connected: bool,
     commit: Option<CommitId>,
+    paused: Option<String>,
+}
+
+/// The runner's origin did not answer: no jobs until it does.
+struct Pause {
+    reason: String,
+    backoff: Backoff,
+    next_probe: Instant,
+    probe: Option<JoinHandle<Result<(), String>>>,
 }
 
 /// Runs the runner on `listener` until `shutdown`.
@@ -199,53 +294,461 @@ pub async fn run(
         config.token.clone(),
         shutdown.clone(),
     ));
-    info!(addr = %addr, repo = %config.repo.display(), dispatcher = %config.dispatcher, "listening");
+    info!(addr = %addr, repo = %config.repo.display(), dispatcher = %config.dispatcher, drain_timeout = ?config.drain_timeout, "listening");
 
-    let token = config.token.clone().unwrap_or_default();
-    let mut job: Option<ActiveJob> = None;
-    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
-    let mut fatal = None;
-    while !shutdown.is_cancelled() {
-        let conn = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            res = net::connect(&config.dispatcher, Role::Runner, &token) => res,
-        };
-        match conn {
-            Ok(mut conn) => {
-                backoff.reset();
-                set_status(&status, |s| s.connected = true);
-                let res = session(
-                    &mut conn, &addr, &workspace, &config, &mut job, &status, &shutdown,
-                )
-                .await;
-                set_status(&status, |s| s.connected = false);
-                match res {
-                    Ok(()) => break,
-                    Err(e) => {
-                        warn!(dispatcher = %config.dispatcher, error = %e, "lost the dispatcher; reconnecting")
-                    }
-                }
-            }
-            Err(e) if e.is_permanent() => {
-                fatal = Some(RunnerError::Dispatcher(e));
-                break;
-            }
-            Err(e) => {
-                let delay = backoff.next_delay();
-                warn!(error = %e, retry_in = ?delay, "dispatcher unreachable; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
-    }
-    if let Some(j) = job.take() {
+    let mut runner = Runner {
+        config,
+        addr,
+        workspace,
+        status,
+        shutdown,
+        job: None,
+        pause: None,
+        drain_deadline: None,
+        backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
+    };
+    let fatal = runner.serve().await;
+    if let Some(j) = runner.job.take() {
         info!(commit = %j.commit, "stopping the running job");
         j.stop().await;
     }
     status_task.abort();
+    info!("stopped");
     fatal.map_or(Ok(()), Err)
+}
+
+/// A runner's state between and across connections.
+struct Runner {
+    config: Config,
+    addr: String,
+    workspace: Arc<tokio::sync::Mutex<Workspace>>,
+    status: Arc<Mutex<Status>>,
+    shutdown: Shutdown,
+    job: Option<ActiveJob>,
+    pause: Option<Pause>,
+    /// Set when a drain began: when it gives up waiting for the job.
+    drain_deadline: Option<Instant>,
+    /// Between connection attempts; reset only by a successful registration (or when the
+    /// dispatcher says it restarts).
+    backoff: Backoff,
+}
+
+/// Why [`Runner::session`] ended without an error.
+struct Stop;
+
+impl Runner {
+    /// Connects, serves and reconnects until the runner is to exit; returns why if that is
+    /// an error (the dispatcher refused us for good).
+    async fn serve(&mut self) -> Option<RunnerError> {
+        let token = self.config.token.clone().unwrap_or_default();
+        loop {
+            if self.done_offline() {
+                return None;
+            }
+            let conn = tokio::select! {
+                _ = self.shutdown.cancelled() => return None,
+                _ = self.shutdown.drain_requested(), if self.drain_deadline.is_none() => {
+                    self.begin_drain();
+                    continue;
+                }
+                _ = sleep_until(self.drain_deadline) => continue,
+                res = net::connect(&self.config.dispatcher, Role::Runner, &token) => res,
+            };
+            match conn {
+                Ok(mut conn) => {
+                    set_status(&self.status, |s| s.connected = true);
+                    let res = self.session(&mut conn).await;
+                    set_status(&self.status, |s| s.connected = false);
+                    match res {
+                        Ok(Stop) => return None,
+                        Err(e) => {
+                            warn!(dispatcher = %self.config.dispatcher, error = %e, "lost the dispatcher; reconnecting")
+                        }
+                    }
+                }
+                Err(e) if e.is_permanent() => return Some(RunnerError::Dispatcher(e)),
+                Err(e) => {
+                    let delay = self.backoff.next_delay();
+                    warn!(error = %e, retry_in = ?delay, "dispatcher unreachable; retrying");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return None,
+                        _ = self.shutdown.drain_requested(), if self.drain_deadline.is_none() => self.begin_drain(),
+                        _ = sleep_until(self.drain_deadline) => {}
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether a runner without a connection should exit now: asked to stop, or draining
+    /// with nothing left to deliver (or out of time to deliver it).
+    fn done_offline(&mut self) -> bool {
+        if self.shutdown.is_cancelled() {
+            return true;
+        }
+        let Some(deadline) = self.drain_deadline else {
+            return false;
+        };
+        if let Some(j) = self.job.as_mut() {
+            if let Some(reason) = j.drain() {
+                self.enter_pause(reason);
+            }
+        }
+        match &self.job {
+            None => true,
+            // Nobody to hand it back to; the dispatcher requeues it when we do not return.
+            Some(j) if matches!(j.end, Some(JobEnd::GiveBack { .. })) => true,
+            Some(_) => Instant::now() >= deadline,
+        }
+    }
+
+    /// Why the runner takes no job now, if it does not.
+    fn unavailable(&self) -> Option<String> {
+        if self.drain_deadline.is_some() || self.shutdown.is_draining() {
+            Some(STOPPING.into())
+        } else {
+            self.pause.as_ref().map(|p| p.reason.clone())
+        }
+    }
+
+    /// The first signal: no new job; the running one may finish within the drain timeout,
+    /// unless its steps have not begun (then there is nothing to wait for).
+    fn begin_drain(&mut self) {
+        let deadline = Instant::now() + self.config.drain_timeout;
+        self.drain_deadline = Some(deadline);
+        set_status(&self.status, |s| s.paused = Some(STOPPING.into()));
+        match self.job.as_mut() {
+            None => info!("stopping: no job running"),
+            Some(j) if j.end.is_some() => {
+                info!(commit = %j.commit, "stopping once the finished job is delivered")
+            }
+            Some(j) if !j.steps_started => {
+                info!(commit = %j.commit, "stopping: the job's steps have not begun; handing the commit back");
+                j.withdraw();
+            }
+            Some(j) => {
+                info!(commit = %j.commit, drain_timeout = ?self.config.drain_timeout, "draining: taking no new job; the running one may finish (a second signal stops it)")
+            }
+        }
+    }
+
+    fn enter_pause(&mut self, reason: String) {
+        if self.pause.is_some() {
+            return;
+        }
+        warn!(reason, "pausing: no jobs until the origin answers again");
+        let mut backoff = Backoff::new(PROBE_MIN, PROBE_MAX);
+        let next_probe = Instant::now() + backoff.next_delay();
+        set_status(&self.status, |s| s.paused = Some(reason.clone()));
+        self.pause = Some(Pause {
+            reason,
+            backoff,
+            next_probe,
+            probe: None,
+        });
+    }
+
+    /// One connection to the dispatcher: register, resend what it lacks, then serve until
+    /// the connection ends (`Err`) or the runner is to exit (`Ok`).
+    async fn session(&mut self, conn: &mut Connection<TcpStream>) -> Result<Stop, ProtoError> {
+        if let Some(j) = self.job.as_mut() {
+            // Announce the job as it is now: a result that came in while we were away counts.
+            if let Some(reason) = j.drain() {
+                self.enter_pause(reason);
+            }
+        }
+        conn.send(&ToDispatcher::Register {
+            addr: self.addr.clone(),
+            held: self.job.as_ref().map(ActiveJob::held),
+            paused: self.unavailable(),
+        })
+        .await?;
+        let (runner, verdict, heartbeat_timeout) = match conn
+            .recv_within::<FromDispatcher>(HANDSHAKE_TIMEOUT, "the registration reply")
+            .await?
+        {
+            FromDispatcher::Registered {
+                runner,
+                held,
+                heartbeat_timeout,
+            } => (runner, held, heartbeat_timeout),
+            FromDispatcher::Error { reason } => return Err(ProtoError::Refused(reason)),
+            other => {
+                return Err(ProtoError::Violation(format!(
+                    "expected Registered, got {other:?}"
+                )))
+            }
+        };
+        self.backoff.reset();
+        // Twice the dispatcher's timeout: by then the dispatcher has given up on us anyway
+        // (at 1x), while a busy dispatcher whose ping is merely late (a loaded machine, a
+        // burst of output to write) does not cost the running job. A dispatcher could
+        // announce nonsense; a deadline under a few frames' time would drop every
+        // connection.
+        let silence_limit = (heartbeat_timeout * 2).max(Duration::from_secs(1));
+        info!(runner = %runner, dispatcher = %self.config.dispatcher, silence_limit = ?silence_limit, "registered");
+        if let Some(j) = self.job.as_mut() {
+            match verdict {
+                Some(HeldVerdict::Adopt { log_offset }) => {
+                    info!(commit = %j.commit, log_offset, "dispatcher adopted the running job");
+                    j.sent = (log_offset as usize).min(j.output.len());
+                }
+                other => {
+                    let reason = match other {
+                        Some(HeldVerdict::Drop { reason }) => reason,
+                        _ => "the dispatcher did not answer for it".into(),
+                    };
+                    warn!(commit = %j.commit, reason, "dropping the held job");
+                    if let Some(j) = self.job.take() {
+                        j.stop().await;
+                    }
+                    set_status(&self.status, |s| s.commit = None);
+                }
+            }
+        }
+        if self.flush_job(conn).await? {
+            return Ok(Stop);
+        }
+        if self.drain_deadline.is_some() && self.job.is_none() {
+            return self.goodbye(conn).await;
+        }
+
+        let silence = tokio::time::sleep(silence_limit);
+        tokio::pin!(silence);
+        loop {
+            let withdraw_deadline = self
+                .job
+                .as_ref()
+                .filter(|j| j.end.is_none())
+                .and_then(|j| j.withdrawing);
+            let drain_deadline = self.drain_deadline.filter(|_| {
+                self.job
+                    .as_ref()
+                    .is_some_and(|j| j.end.is_none() && j.withdrawing.is_none())
+            });
+            tokio::select! {
+                // Frames from the dispatcher first: after a long flush, a ping that waits
+                // in the socket must count before the silence deadline is judged. (The
+                // dispatcher sends little, so nothing else starves.)
+                biased;
+                msg = conn.recv::<FromDispatcher>() => {
+                    silence.as_mut().reset(Instant::now() + silence_limit);
+                    let Some(msg) = msg? else {
+                        return Err(ProtoError::Closed);
+                    };
+                    if let Some(stop) = self.on_message(conn, msg).await? {
+                        return Ok(stop);
+                    }
+                }
+                _ = self.shutdown.cancelled(), if withdraw_deadline.is_none() => {
+                    match self.job.as_mut() {
+                        Some(j) if j.end.is_none() => {
+                            info!(commit = %j.commit, "stopping: killing the job's steps and handing the commit back");
+                            j.withdraw();
+                        }
+                        // Nothing running, or its end is already on the wire before our goodbye.
+                        _ => return self.goodbye(conn).await,
+                    }
+                }
+                _ = self.shutdown.drain_requested(), if self.drain_deadline.is_none() => {
+                    self.begin_drain();
+                    match &self.job {
+                        None => return self.goodbye(conn).await,
+                        Some(_) => conn.send(&ToDispatcher::Pause { reason: STOPPING.into() }).await?,
+                    }
+                }
+                _ = sleep_until(drain_deadline) => {
+                    if let Some(j) = self.job.as_mut() {
+                        warn!(commit = %j.commit, drain_timeout = ?self.config.drain_timeout, "drain timeout: killing the job's steps and handing the commit back");
+                        j.withdraw();
+                    }
+                }
+                _ = sleep_until(withdraw_deadline) => {
+                    // The job did not end after its steps were killed: hand it back anyway.
+                    if let Some(j) = self.job.as_mut() {
+                        warn!(commit = %j.commit, "the stopped job did not end in time; handing the commit back");
+                        j.task.abort();
+                        j.end = Some(JobEnd::GiveBack { reason: job::STOPPED.into(), cause: GiveBackCause::Withdrawn });
+                    }
+                    self.flush_job(conn).await?;
+                    return self.goodbye(conn).await;
+                }
+                res = probe_tick(&mut self.pause, &self.workspace, &self.shutdown) => {
+                    self.probed(conn, res).await?;
+                }
+                ev = job_event(&mut self.job) => {
+                    let pause = self.job.as_mut().and_then(|j| j.absorb(ev));
+                    if let Some(reason) = pause {
+                        self.enter_pause(reason.clone());
+                        conn.send(&ToDispatcher::Pause { reason }).await?;
+                    }
+                    if self.flush_job(conn).await? {
+                        return Ok(Stop);
+                    }
+                }
+                () = &mut silence => {
+                    warn!(silence = ?silence_limit, "heard nothing from the dispatcher (pings included) for twice its heartbeat timeout; dropping the connection");
+                    return Err(ProtoError::Timeout(silence_limit, "anything from the dispatcher"));
+                }
+            }
+        }
+    }
+
+    /// Handles one message from the dispatcher; `Some(Stop)` when the runner is to exit.
+    async fn on_message(
+        &mut self,
+        conn: &mut Connection<TcpStream>,
+        msg: FromDispatcher,
+    ) -> Result<Option<Stop>, ProtoError> {
+        match msg {
+            FromDispatcher::Ping { seq } => conn.send(&ToDispatcher::Pong { seq }).await?,
+            FromDispatcher::Assign { job: id, commit } => {
+                if let Some(j) = self.job.as_ref() {
+                    warn!(busy_with = %j.commit, commit = %commit, "assigned a job while busy; ignoring");
+                } else if let Some(reason) = self.unavailable() {
+                    // The dispatcher had not yet heard that we pause: not our job to take.
+                    info!(commit = %commit, reason, "assigned a job while taking none; handing it back");
+                    conn.send(&ToDispatcher::GiveBack {
+                        job: id,
+                        reason: format!("the runner takes no job now: {reason}"),
+                        cause: GiveBackCause::Withdrawn,
+                    })
+                    .await?;
+                } else {
+                    info!(commit = %commit, job = %id, "running");
+                    set_status(&self.status, |s| s.commit = Some(commit.clone()));
+                    self.job = Some(ActiveJob::start(
+                        &self.config,
+                        &self.workspace,
+                        id,
+                        commit,
+                        &self.shutdown,
+                    ));
+                }
+            }
+            FromDispatcher::ResultAck { job: id, accepted } => {
+                if self.job.as_ref().is_some_and(|j| j.id == id) {
+                    if accepted {
+                        info!(job = %id, "result delivered");
+                    } else {
+                        warn!(job = %id, "dispatcher refused the result (attempt superseded)");
+                    }
+                    self.job = None;
+                    set_status(&self.status, |s| s.commit = None);
+                    if self.drain_deadline.is_some() {
+                        return self.goodbye(conn).await.map(Some);
+                    }
+                }
+            }
+            FromDispatcher::ShuttingDown => {
+                // A restart: keep the job, and come back as soon as it listens again.
+                info!("the dispatcher is shutting down; reconnecting");
+                self.backoff.reset();
+                return Err(ProtoError::Closed);
+            }
+            FromDispatcher::Error { reason } => return Err(ProtoError::Refused(reason)),
+            other => return Err(ProtoError::Violation(format!("unexpected {other:?}"))),
+        }
+        Ok(None)
+    }
+
+    /// The outcome of a probe of the unreachable origin.
+    async fn probed(
+        &mut self,
+        conn: &mut Connection<TcpStream>,
+        res: Result<(), String>,
+    ) -> Result<(), ProtoError> {
+        match res {
+            Ok(()) => {
+                info!("origin answers again; taking jobs");
+                self.pause = None;
+                set_status(&self.status, |s| s.paused = None);
+                if self.unavailable().is_none() {
+                    conn.send(&ToDispatcher::Resume).await?;
+                }
+            }
+            Err(error) => {
+                if let Some(p) = self.pause.as_mut() {
+                    let delay = p.backoff.next_delay();
+                    p.next_probe = Instant::now() + delay;
+                    warn!(error, retry_in = ?delay, "origin still unreachable; still paused");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the job's output the dispatcher lacks and, once it ended, its result or its
+    /// hand-back. Returns `true` when the runner is to exit (a stopping runner's job was
+    /// handed back).
+    async fn flush_job(&mut self, conn: &mut Connection<TcpStream>) -> Result<bool, ProtoError> {
+        let Some(j) = self.job.as_mut() else {
+            return Ok(false);
+        };
+        if let Some(reason) = j.drain() {
+            self.enter_pause(reason.clone());
+            conn.send(&ToDispatcher::Pause { reason }).await?;
+        }
+        let Some(j) = self.job.as_mut() else {
+            return Ok(false);
+        };
+        flush(conn, j).await?;
+        if let Some(JobEnd::GiveBack { .. }) = j.end {
+            // Handed back: the dispatcher has it; nothing of it is ours any more.
+            self.job = None;
+            set_status(&self.status, |s| s.commit = None);
+            if self.drain_deadline.is_some() || self.shutdown.is_cancelled() {
+                self.goodbye(conn).await?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The last frame of a runner that stops on purpose.
+    async fn goodbye(&mut self, conn: &mut Connection<TcpStream>) -> Result<Stop, ProtoError> {
+        info!("saying goodbye to the dispatcher");
+        conn.send(&ToDispatcher::Goodbye {
+            reason: STOPPING.into(),
+        })
+        .await?;
+        Ok(Stop)
+    }
+}
+
+/// Sleeps until `deadline`, or for ever when there is none.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs the next probe of a paused runner's origin when it is due; pending for ever when
+/// the runner is not paused. Cancel-safe: a probe in flight is kept in `pause`.
+async fn probe_tick(
+    pause: &mut Option<Pause>,
+    workspace: &Arc<tokio::sync::Mutex<Workspace>>,
+    shutdown: &Shutdown,
+) -> Result<(), String> {
+    let Some(p) = pause.as_mut() else {
+        return std::future::pending().await;
+    };
+    if p.probe.is_none() {
+        tokio::time::sleep_until(p.next_probe).await;
+        let (ws, cancel) = (workspace.clone(), shutdown.child_token());
+        p.probe = Some(tokio::spawn(async move {
+            let ws = ws.lock().await;
+            ws.probe_origin(&cancel).await.map_err(|e| e.to_string())
+        }));
+    }
+    let res = match p.probe.as_mut() {
+        Some(handle) => handle.await,
+        None => return std::future::pending().await,
+    };
+    p.probe = None;
+    res.unwrap_or_else(|e| Err(format!("the probe task failed: {e}")))
 }
 
 fn set_status(status: &Mutex<Status>, f: impl FnOnce(&mut Status)) {
@@ -254,153 +757,24 @@ fn set_status(status: &Mutex<Status>, f: impl FnOnce(&mut Status)) {
     }
 }
 
-enum Next {
-    Stop,
-    Msg(Result<Option<FromDispatcher>, ProtoError>),
-    Job(JobEvent),
-}
-
 /// Waits for the next event of the job, or forever when there is none to wait for.
 async fn job_event(job: &mut Option<ActiveJob>) -> JobEvent {
     match job {
-        Some(j) if j.report.is_none() => match j.events.recv().await {
+        Some(j) if j.end.is_none() => match j.events.recv().await {
             Some(ev) => ev,
-            // The job task ended without a result: it panicked.
-            None => JobEvent::Finished(RunReport {
-                status: tinyci_proto::RunStatus::Error,
-                steps: Vec::new(),
-                error: Some("the runner's job task crashed".into()),
+            // The job task ended without saying how: it panicked, or was aborted.
+            None => JobEvent::Infra(InfraFailure {
+                reason: "the runner's job task crashed".into(),
+                origin_unreachable: false,
             }),
         },
         _ => std::future::pending().await,
     }
 }
 
-/// One connection to the dispatcher: register, resend what it lacks, then serve until the
-/// connection ends (`Err`) or shutdown (`Ok`).
-async fn session(
-    conn: &mut Connection<TcpStream>,
-    addr: &str,
-    workspace: &Arc<tokio::sync::Mutex<crate::git::Workspace>>,
-    config: &Config,
-    job: &mut Option<ActiveJob>,
-    status: &Mutex<Status>,
-    shutdown: &Shutdown,
-) -> Result<(), ProtoError> {
-    if let Some(j) = job.as_mut() {
-        // Announce the job as it is now: a result that came in while we were away counts.
-        j.drain();
-    }
-    conn.send(&ToDispatcher::Register {
-        addr: addr.to_owned(),
-        held: job.as_ref().map(ActiveJob::held),
-    })
-    .await?;
-    let (runner, verdict) = match conn
-        .recv_within::<FromDispatcher>(HANDSHAKE_TIMEOUT, "the registration reply")
-        .await?
-    {
-        FromDispatcher::Registered { runner, held } => (runner, held),
-        FromDispatcher::Error { reason } => return Err(ProtoError::Refused(reason)),
-        other => {
-            return Err(ProtoError::Violation(format!(
-                "expected Registered, got {other:?}"
-            )))
-        }
-    };
-    info!(runner = %runner, dispatcher = %config.dispatcher, "registered");
-    if let Some(j) = job.as_mut() {
-        match verdict {
-            Some(HeldVerdict::Adopt { log_offset }) => {
-                info!(commit = %j.commit, log_offset, "dispatcher adopted the running job");
-                j.sent = (log_offset as usize).min(j.output.len());
-            }
-            other => {
-                let reason = match other {
-                    Some(HeldVerdict::Drop { reason }) => reason,
-                    _ => "the dispatcher did not answer for it".into(),
-                };
-                warn!(commit = %j.commit, reason, "dropping the held job");
-                if let Some(j) = job.take() {
-                    j.stop().await;
-                }
-                set_status(status, |s| s.commit = None);
-            }
-        }
-    }
-    if let Some(j) = job.as_mut() {
-        flush(conn, j).await?;
-    }
-
-    loop {
-        let next = tokio::select! {
-            _ = shutdown.cancelled() => Next::Stop,
-            msg = conn.recv::<FromDispatcher>() => Next::Msg(msg),
-            ev = job_event(job) => Next::Job(ev),
-        };
-        match next {
-            Next::Stop => return Ok(()),
-            Next::Msg(msg) => match msg? {
-                None => return Err(ProtoError::Closed),
-                Some(FromDispatcher::Ping { seq }) => {
-                    conn.send(&ToDispatcher::Pong { seq }).await?
-                }
-                Some(FromDispatcher::Assign { job: id, commit }) => {
-                    if let Some(j) = job.as_ref() {
-                        warn!(busy_with = %j.commit, commit = %commit, "assigned a job while busy; ignoring");
-                        continue;
-                    }
-                    info!(commit = %commit, job = %id, "running");
-                    set_status(status, |s| s.commit = Some(commit.clone()));
-                    *job = Some(ActiveJob::start(config, workspace, id, commit, shutdown));
-                }
-                Some(FromDispatcher::ResultAck { job: id, accepted }) => {
-                    if job.as_ref().is_some_and(|j| j.id == id) {
-                        if accepted {
-                            info!(job = %id, "result delivered");
-                        } else {
-                            warn!(job = %id, "dispatcher refused the result (attempt superseded)");
-                        }
-                        *job = None;
-                        set_status(status, |s| s.commit = None);
-                    }
-                }
-                Some(FromDispatcher::Error { reason }) => return Err(ProtoError::Refused(reason)),
-                Some(other) => return Err(ProtoError::Violation(format!("unexpected {other:?}"))),
-            },
-            Next::Job(ev) => {
-                let Some(j) = job.as_mut() else { continue };
-                match ev {
-                    JobEvent::Output(bytes) => j.output.extend_from_slice(&bytes),
-                    JobEvent::Infra(failure) => {
-                        warn!(commit = %j.commit, reason = %failure.reason, "job not carried out");
-                        j.report = Some(infra_report(failure));
-                    }
-                    JobEvent::Finished(report) => {
-                        info!(commit = %j.commit, status = ?report.status, "job finished");
-                        j.report = Some(report);
-                    }
-                }
-                flush(conn, j).await?;
-            }
-        }
-    }
-}
-
-/// Until the protocol can hand a commit back, an infrastructure failure is reported as an
-/// `error` run that says so.
-fn infra_report(failure: job::InfraFailure) -> RunReport {
-    RunReport {
-        status: tinyci_proto::RunStatus::Error,
-        steps: Vec::new(),
-        error: Some(format!("infrastructure: {}", failure.reason)),
-    }
-}
-
-/// Sends the output the dispatcher does not have yet and, once the job ended, its result.
+/// Sends the output the dispatcher does not have yet and, once the job ended, its result
+/// or its hand-back.
 async fn flush(conn: &mut Connection<TcpStream>, j: &mut ActiveJob) -> Result<(), ProtoError> {
-    // Coalesce whatever output is already waiting into as few frames as possible.
-    j.drain();
     while j.sent < j.output.len() {
         let end = (j.sent + MAX_LOG_CHUNK).min(j.output.len());
         conn.send(&ToDispatcher::Log {
@@ -411,13 +785,24 @@ async fn flush(conn: &mut Connection<TcpStream>, j: &mut ActiveJob) -> Result<()
         .await?;
         j.sent = end;
     }
-    if let Some(report) = &j.report {
-        conn.send(&ToDispatcher::Done {
-            job: j.id,
-            report: report.clone(),
-            log_len: j.output.len() as u64,
-        })
-        .await?;
+    match &j.end {
+        Some(JobEnd::Report(report)) => {
+            conn.send(&ToDispatcher::Done {
+                job: j.id,
+                report: report.clone(),
+                log_len: j.output.len() as u64,
+            })
+            .await?
+        }
+        Some(JobEnd::GiveBack { reason, cause }) => {
+            conn.send(&ToDispatcher::GiveBack {
+                job: j.id,
+                reason: reason.clone(),
+                cause: *cause,
+            })
+            .await?
+        }
+        None => {}
     }
     Ok(())
 }
@@ -451,14 +836,15 @@ async fn serve_status(
                 let ToRunner::Status = conn
                     .recv_within::<ToRunner>(HANDSHAKE_TIMEOUT, "a status request")
                     .await?;
-                let (connected, commit) = status
+                let (connected, commit, paused) = status
                     .lock()
-                    .map(|s| (s.connected, s.commit.clone()))
-                    .unwrap_or((false, None));
+                    .map(|s| (s.connected, s.commit.clone(), s.paused.clone()))
+                    .unwrap_or((false, None, None));
                 conn.send(&FromRunner::Status {
                     addr,
                     connected,
                     commit,
+                    paused,
                 })
                 .await
             }

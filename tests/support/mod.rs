@@ -388,6 +388,8 @@ pub struct CloneSetup {
     pub args: Vec<String>,
     /// Extra environment for the process (and for the `git clone`).
     pub env: Vec<(String, String)>,
+    /// Talk to this address instead of the dispatcher's (a [`Proxy`], say).
+    pub dispatcher: Option<String>,
 }
 
 impl CloneSetup {
@@ -562,7 +564,10 @@ impl Cluster {
         let mut cmd = Command::new(&self.bins.runner);
         cmd.args(["--host", "127.0.0.1", "--port-range"])
             .arg(runner_port_range())
-            .args(["--dispatcher-server", &self.addr])
+            .args([
+                "--dispatcher-server",
+                setup.dispatcher.as_deref().unwrap_or(&self.addr),
+            ])
             .args(&setup.args)
             .arg(clone);
         cmd.envs(setup.env.iter().map(|(k, v)| (k, v)));
@@ -590,6 +595,20 @@ impl Cluster {
         let mut old = self.dispatcher.take().expect("dispatcher running");
         old.kill();
         self.past_dispatchers.push(old);
+        let port = self.addr.rsplit(':').next().unwrap_or("0").to_owned();
+        self.start_dispatcher(&port)
+    }
+
+    /// SIGTERM to the dispatcher; waits for it to exit (it must, with status 0), then starts
+    /// a new one on the same port and results directory.
+    pub fn terminate_and_restart_dispatcher(&mut self) -> Result<()> {
+        let mut old = self.dispatcher.take().expect("dispatcher running");
+        let status = old.terminate(WAIT);
+        self.past_dispatchers.push(old);
+        match status {
+            Some(st) if st.success() => {}
+            other => bail!("the dispatcher did not exit cleanly on SIGTERM: {other:?}"),
+        }
         let port = self.addr.rsplit(':').next().unwrap_or("0").to_owned();
         self.start_dispatcher(&port)
     }
@@ -829,6 +848,137 @@ pub fn time_ms(result: &Value, key: &str) -> Result<u128> {
         .ok_or_else(|| anyhow!("no {key} in {result}"))?;
     let t = humantime::parse_rfc3339(s)?;
     Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_millis())
+}
+
+/// A TCP proxy for partition tests: forwards between its clients and `upstream` until
+/// told to black-hole — then it keeps every connection open and accepts new ones, but
+/// forwards nothing in either direction (nor any close), as a stateful middlebox that lost
+/// its route does — and forwards again once healed. Everything stops on drop.
+pub struct Proxy {
+    pub addr: String,
+    forwarding: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    pub fn start(upstream: &str) -> Result<Proxy> {
+        use std::sync::atomic::AtomicBool;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?.to_string();
+        let forwarding = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let (fwd, halt, all) = (forwarding.clone(), stop.clone(), conns.clone());
+        let upstream = upstream.to_owned();
+        std::thread::spawn(move || {
+            while !halt.load(Ordering::Relaxed) {
+                let client = match listener.accept() {
+                    Ok((c, _)) => c,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                let Ok(server) = std::net::TcpStream::connect(&upstream) else {
+                    continue; // the client sees its connection close
+                };
+                let _ = client.set_nonblocking(false);
+                let pairs = [
+                    (client.try_clone(), server.try_clone()),
+                    (server.try_clone(), client.try_clone()),
+                ];
+                if let Ok(mut v) = all.lock() {
+                    v.extend([client, server]);
+                }
+                for pair in pairs {
+                    if let (Ok(from), Ok(to)) = pair {
+                        let (fwd, halt) = (fwd.clone(), halt.clone());
+                        std::thread::spawn(move || pump(from, to, &fwd, &halt));
+                    }
+                }
+            }
+        });
+        Ok(Proxy {
+            addr,
+            forwarding,
+            stop,
+            conns,
+        })
+    }
+
+    /// Stops forwarding (without closing anything).
+    pub fn black_hole(&self) {
+        self.forwarding.store(false, Ordering::SeqCst);
+    }
+
+    /// Forwards again.
+    pub fn heal(&self) {
+        self.forwarding.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to` while the proxy forwards; holds what it read while it does not.
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    forwarding: &std::sync::atomic::AtomicBool,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    use std::io::{Read, Write};
+    let _ = from.set_read_timeout(Some(Duration::from_millis(20)));
+    let mut buf = vec![0u8; 64 * 1024];
+    let wait_forwarding = || {
+        while !forwarding.load(Ordering::SeqCst) {
+            if stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        !stop.load(Ordering::Relaxed)
+    };
+    loop {
+        if !wait_forwarding() {
+            return;
+        }
+        let n = match from.read(&mut buf) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(_) => 0,
+        };
+        // What was read while black-holed (or a close) waits until the proxy heals.
+        if !wait_forwarding() {
+            return;
+        }
+        if n == 0 {
+            let _ = to.shutdown(std::net::Shutdown::Write);
+            return;
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            let _ = from.shutdown(std::net::Shutdown::Read);
+            return;
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Ok(v) = self.conns.lock() {
+            for c in v.iter() {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
 }
 
 /// Live processes (not zombies, not this test process, none of `except`) whose working
