@@ -18,10 +18,11 @@
 //! origin's object directory, which repacks keep; a commit that origin later prunes is
 //! fetched again, or the clone rebuilt, when a job needs it.
 
+use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use git2::Oid;
 use tinyci_proto::CommitId;
@@ -94,6 +95,8 @@ pub struct Workspace {
     /// The index file's identity after the last checkout; a different one was written by a
     /// step, and is checked for entries that a checkout would skip.
     index_stamp: Option<(u64, i64, i64, u64)>,
+    /// What the last walk of the work tree saw (see [`sweep`]).
+    sweep_cache: SweepCache,
     /// The commit the last successful prepare checked out.
     last: Option<CommitId>,
     /// Cancels background work when the workspace is dropped.
@@ -152,6 +155,7 @@ impl Workspace {
             index_stamp: None,
             stop: CancellationToken::new(),
             last: None,
+            sweep_cache: SweepCache::default(),
             clone,
         };
         ws.control = ws.read_control();
@@ -213,14 +217,19 @@ impl Workspace {
         } else {
             self.heal(commit, &mut done).await?;
         }
-        match self.fetch_if_missing(commit, cancel).await {
-            Ok(fetched) => done.fetched = fetched,
+        let attributes_changed = match self.fetch_if_missing(commit, cancel).await {
+            Ok((fetched, attrs)) => {
+                done.fetched = fetched;
+                attrs
+            }
             Err(e) if e.kind == GitErrorKind::Damaged => {
                 self.reclone(&e.to_string(), &mut done, cancel).await?;
-                done.fetched = self.fetch_if_missing(commit, cancel).await?;
+                let (fetched, attrs) = self.fetch_if_missing(commit, cancel).await?;
+                done.fetched = fetched;
+                attrs
             }
             Err(e) => return Err(e),
-        }
+        };
         // Copy the commit's borrowed objects into the clone while git checks it out: the
         // two only read objects, and on two cores the copy costs no wall time.
         let securing = matches!(self.clone.origin, Origin::Local { .. }).then(|| {
@@ -230,7 +239,6 @@ impl Workspace {
                 self.stop.child_token(),
             ))
         });
-        let attributes_changed = self.attributes_change(commit).await;
         if attributes_changed {
             // git does not rewrite a file whose content is unchanged when only the
             // attributes that apply to it changed; without an index it writes every file.
@@ -287,38 +295,6 @@ impl Workspace {
         Ok(done)
     }
 
-    /// Whether the `.gitattributes` files of `commit` differ from those the work tree was
-    /// last written with: the last commit we checked out, and HEAD if a step moved it
-    /// (only subtrees whose ids differ are visited).
-    async fn attributes_change(&self, commit: &CommitId) -> bool {
-        let path = self.clone.path.clone();
-        let sha = commit.clone();
-        let last = self.last.clone();
-        blocking(move || {
-            let repo = super::open(&path)?;
-            let tree_of = |c: &CommitId| {
-                Oid::from_str(c.as_str())
-                    .and_then(|oid| repo.find_commit(oid))
-                    .and_then(|c| c.tree())
-            };
-            let Ok(target) = tree_of(&sha) else {
-                return Ok(false);
-            };
-            let mut written = vec![repo.head().and_then(|h| h.peel_to_tree())];
-            if let Some(last) = &last {
-                written.push(tree_of(last));
-            }
-            let differ = written.iter().any(|t| match t {
-                Ok(t) => attributes_differ(&repo, Some(t), Some(&target)),
-                // Unreadable: we cannot tell what the files were written with.
-                Err(_) => true,
-            });
-            Ok(differ)
-        })
-        .await
-        .unwrap_or(false)
-    }
-
     /// Puts back what a step may have broken under `.git` without running git: cheap
     /// enough for every job.
     async fn heal(&mut self, commit: &CommitId, done: &mut Prepared) -> Result<(), GitError> {
@@ -365,9 +341,13 @@ impl Workspace {
         let now = stamp(&index);
         let check_index = now.is_some() && now != self.index_stamp;
         let (idx, top) = (index.clone(), self.clone.path.clone());
-        let (swept, skips) =
-            blocking(move || Ok((sweep(&top), check_index && index_has_skipped_entries(&idx))))
-                .await?;
+        let mut cache = std::mem::take(&mut self.sweep_cache);
+        let (swept, skips, cache) = blocking(move || {
+            let swept = sweep(&top, &mut cache);
+            Ok((swept, check_index && index_has_skipped_entries(&idx), cache))
+        })
+        .await?;
+        self.sweep_cache = cache;
         if swept.special > 0 {
             done.repairs.push(format!(
                 "removed {} FIFO(s), socket(s) or device(s) a step left",
@@ -392,14 +372,15 @@ impl Workspace {
         Ok(())
     }
 
-    /// Fetches from origin unless the commit is already readable; `Ok(true)` if it fetched.
+    /// Fetches from origin unless the commit is already readable. Returns whether it
+    /// fetched and whether the commit's attributes differ (see [`Workspace::inspect`]).
     async fn fetch_if_missing(
         &self,
         commit: &CommitId,
         cancel: &CancellationToken,
-    ) -> Result<bool, GitError> {
-        if self.has_commit(commit).await? {
-            return Ok(false);
+    ) -> Result<(bool, bool), GitError> {
+        if let Some(attrs) = self.inspect(commit).await? {
+            return Ok((false, attrs));
         }
         let git = self.git(cancel, self.limits);
         let fetch = |extra: &'static [&'static str]| {
@@ -424,8 +405,8 @@ impl Workspace {
             ]),
         )
         .await?;
-        if self.has_commit(commit).await? {
-            return Ok(true);
+        if let Some(attrs) = self.inspect(commit).await? {
+            return Ok((true, attrs));
         }
         // Not on any branch or tag: ask for the commit itself (servers allow it when it is
         // reachable from any of their refs, e.g. a pull request's).
@@ -444,10 +425,14 @@ impl Workspace {
                 ],
             )
             .await;
-        match by_id {
-            Ok(_) if self.has_commit(commit).await? => Ok(true),
-            Err(e) if e.kind != GitErrorKind::NotFound => Err(e),
-            _ => Err(GitError::new(
+        let present = match by_id {
+            Ok(_) => self.inspect(commit).await?,
+            Err(e) if e.kind != GitErrorKind::NotFound => return Err(e),
+            Err(_) => None,
+        };
+        match present {
+            Some(attrs) => Ok((true, attrs)),
+            None => Err(GitError::new(
                 format!("fetching {commit}"),
                 "origin has no such commit on any branch or tag",
                 GitErrorKind::NotFound,
@@ -455,16 +440,34 @@ impl Workspace {
         }
     }
 
-    /// Whether `commit` can be read through the clone (its objects or its alternates).
-    async fn has_commit(&self, commit: &CommitId) -> Result<bool, GitError> {
+    /// Whether `commit` can be read through the clone (its objects or its alternates):
+    /// `None` if not; else whether its `.gitattributes` differ from those the work tree
+    /// was last written with — the last commit we checked out, and HEAD if a step moved
+    /// it (only subtrees whose ids differ are visited). One open of the repository for both.
+    async fn inspect(&self, commit: &CommitId) -> Result<Option<bool>, GitError> {
         let path = self.clone.path.clone();
         let sha = commit.clone();
+        let last = self.last.clone();
         blocking(move || {
             let repo = super::open(&path)?;
-            let oid = Oid::from_str(sha.as_str())
-                .map_err(|e| GitError::new("parsing a commit id", e.message(), GitErrorKind::Io))?;
-            let found = repo.find_commit(oid).is_ok();
-            Ok(found)
+            let tree_of = |c: &CommitId| {
+                Oid::from_str(c.as_str())
+                    .and_then(|oid| repo.find_commit(oid))
+                    .and_then(|c| c.tree())
+            };
+            let Ok(target) = tree_of(&sha) else {
+                return Ok(None);
+            };
+            let mut written = vec![repo.head().and_then(|h| h.peel_to_tree())];
+            if let Some(last) = &last {
+                written.push(tree_of(last));
+            }
+            let differ = written.iter().any(|t| match t {
+                Ok(t) => attributes_differ(&repo, Some(t), Some(&target)),
+                // Unreadable: we cannot tell what the files were written with.
+                Err(_) => true,
+            });
+            Ok(Some(differ))
         })
         .await
     }
@@ -968,37 +971,89 @@ struct Swept {
     chmodded: usize,
 }
 
+/// The subdirectories of every directory at the last walk, and a time before which a
+/// directory's ctime says its entries have not changed since.
+#[derive(Debug, Default)]
+struct SweepCache {
+    since: Option<SystemTime>,
+    subdirs: HashMap<PathBuf, Vec<PathBuf>>,
+}
+
+/// The kernel stamps ctime from a coarse clock; this much slack keeps a change made just
+/// after a walk began from looking older than the walk.
+const CTIME_SLACK: Duration = Duration::from_millis(100);
+
 /// Walks the work tree (not `.git`): removes FIFOs, sockets and device files, which git
 /// neither tracks nor cleans, and gives the owner back rwx on any directory a step took
 /// it from (git cannot clean or check out into those when not running as root).
-fn sweep(top: &Path) -> Swept {
+///
+/// Only directories whose ctime moved since the last walk are listed again (a new entry,
+/// a removed one or a mode change moves it); the others are known by their subdirectories
+/// from the cache, so a warm walk costs one `lstat` per directory.
+fn sweep(top: &Path, cache: &mut SweepCache) -> Swept {
     use std::os::unix::fs::FileTypeExt;
+    let started = SystemTime::now();
     let mut out = Swept::default();
+    let mut seen: HashMap<PathBuf, Vec<PathBuf>> = HashMap::with_capacity(cache.subdirs.len());
     let mut stack = vec![top.to_path_buf()];
     while let Some(d) = stack.pop() {
-        if let Ok(md) = fs::symlink_metadata(&d) {
-            if md.mode() & 0o700 != 0o700 {
-                let mode = (md.mode() | 0o700) & 0o7777;
-                if fs::set_permissions(&d, fs::Permissions::from_mode(mode)).is_ok() {
-                    out.chmodded += 1;
-                }
-            }
+        let Ok(md) = fs::symlink_metadata(&d) else {
+            continue;
+        };
+        if !md.is_dir() {
+            continue;
         }
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let Ok(t) = e.file_type() else { continue };
-            if t.is_dir() {
-                if !(d == top && e.file_name() == ".git") {
-                    stack.push(e.path());
-                }
-            } else if (t.is_fifo() || t.is_socket() || t.is_block_device() || t.is_char_device())
-                && fs::remove_file(e.path()).is_ok()
-            {
-                out.special += 1;
+        let mut unchanged = cache.since.is_some_and(|since| ctime(&md) < since);
+        if md.mode() & 0o700 != 0o700 {
+            let mode = (md.mode() | 0o700) & 0o7777;
+            if fs::set_permissions(&d, fs::Permissions::from_mode(mode)).is_ok() {
+                out.chmodded += 1;
             }
+            unchanged = false;
         }
+        let known = if unchanged {
+            cache.subdirs.remove(&d)
+        } else {
+            None
+        };
+        let subdirs = match known {
+            Some(v) => v,
+            None => {
+                let mut v = Vec::new();
+                if let Ok(rd) = fs::read_dir(&d) {
+                    for e in rd.flatten() {
+                        let Ok(t) = e.file_type() else { continue };
+                        if t.is_dir() {
+                            if !(d == top && e.file_name() == ".git") {
+                                v.push(e.path());
+                            }
+                        } else if (t.is_fifo()
+                            || t.is_socket()
+                            || t.is_block_device()
+                            || t.is_char_device())
+                            && fs::remove_file(e.path()).is_ok()
+                        {
+                            out.special += 1;
+                        }
+                    }
+                }
+                v
+            }
+        };
+        stack.extend(subdirs.iter().cloned());
+        seen.insert(d, subdirs);
     }
+    cache.subdirs = seen;
+    cache.since = Some(started - CTIME_SLACK);
     out
+}
+
+fn ctime(md: &fs::Metadata) -> SystemTime {
+    UNIX_EPOCH
+        + Duration::new(
+            md.ctime().max(0) as u64,
+            md.ctime_nsec().clamp(0, 999_999_999) as u32,
+        )
 }
 
 #[cfg(test)]
