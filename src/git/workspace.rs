@@ -232,13 +232,15 @@ impl Workspace {
         };
         // Copy the commit's borrowed objects into the clone while git checks it out: the
         // two only read objects, and on two cores the copy costs no wall time.
-        let securing = matches!(self.clone.origin, Origin::Local { .. }).then(|| {
-            tokio::spawn(secure_objects(
+        let securing = match &self.clone.origin {
+            Origin::Local { objects, .. } => Some(tokio::spawn(secure_objects(
                 self.clone.path.clone(),
+                objects.clone(),
                 commit.clone(),
                 self.stop.child_token(),
-            ))
-        });
+            ))),
+            Origin::Remote { .. } => None,
+        };
         if attributes_changed {
             // git does not rewrite a file whose content is unchanged when only the
             // attributes that apply to it changed; without an index it writes every file.
@@ -886,14 +888,17 @@ fn attributes_differ(
     })
 }
 
-/// The file in `.git` naming the last commit whose objects were copied into the clone.
+/// The file in `.git` naming the last commit whose objects were linked into the clone.
 const SECURED_FILE: &str = "tinyci-secured";
 
-/// Copies the objects of `commit` that the clone only borrows from its local origin into
-/// a pack of its own — only those not already copied for the last such commit — so the
-/// checkout stays readable even if origin later prunes the commit (a force-push and a
-/// `gc`). Runs beside the checkout; every 50 packs they are merged into one.
-async fn secure_objects(top: PathBuf, commit: CommitId, stop: CancellationToken) {
+/// Makes the objects of `commit` that the clone borrows from its local origin its own, so
+/// the checkout stays readable even if origin later prunes the commit (a force-push and a
+/// `gc`): each object `git rev-list --objects COMMIT ^LAST` names (LAST: the commit this
+/// was last done for) that origin holds loose is hard-linked into the clone's object
+/// directory, and origin's packs (immutable files) are hard-linked into its pack
+/// directory; a link keeps the data when origin deletes its name. Copies where links are
+/// impossible (another file system). Runs beside the checkout.
+async fn secure_objects(top: PathBuf, origin: PathBuf, commit: CommitId, stop: CancellationToken) {
     let git_dir = top.join(".git");
     let last = fs::read_to_string(git_dir.join(SECURED_FILE))
         .ok()
@@ -909,57 +914,110 @@ async fn secure_objects(top: PathBuf, commit: CommitId, stop: CancellationToken)
         },
         cancel: &stop,
     };
-    let pack = |input: String| {
+    let list = |input: String| {
         let git = &git;
         async move {
             git.run_with_input(
-                "copying the commit's objects into the clone",
+                "listing the commit's objects",
                 GitErrorKind::Io,
-                [
-                    "pack-objects",
-                    "--revs",
-                    "--quiet",
-                    "--delta-base-offset",
-                    ".git/objects/pack/pack",
-                ],
+                ["rev-list", "--objects", "--stdin"],
                 Some(input.as_bytes()),
             )
             .await
         }
     };
-    let mut res = match &last {
-        Some(last) => pack(format!("{commit}\n^{last}\n")).await,
-        None => pack(format!("{commit}\n")).await,
+    let mut listed = match &last {
+        Some(last) => list(format!("{commit}\n^{last}\n")).await,
+        None => list(format!("{commit}\n")).await,
     };
-    if res.is_err() && last.is_some() && !stop.is_cancelled() {
-        // The last commit is gone (the clone was cloned again): copy everything.
-        res = pack(format!("{commit}\n")).await;
+    if listed.is_err() && last.is_some() && !stop.is_cancelled() {
+        // The last commit is gone (the clone was cloned again): take everything.
+        listed = list(format!("{commit}\n")).await;
     }
-    if let Err(e) = res {
-        if !stop.is_cancelled() {
-            warn!(error = %e, "cannot copy the commit's objects from origin; the clone still borrows them");
+    let listed = match listed {
+        Ok(out) => out,
+        Err(e) => {
+            if !stop.is_cancelled() {
+                warn!(error = %e, "cannot list the commit's objects; the clone still borrows them from origin");
+            }
+            return;
         }
-        return;
+    };
+    let ours = git_dir.join("objects");
+    let done = blocking(move || {
+        let mut packed = false;
+        for line in listed.split(|b| *b == b'\n') {
+            let Some(hex) = line.get(..40).and_then(|h| std::str::from_utf8(h).ok()) else {
+                continue;
+            };
+            let (dir, rest) = hex.split_at(2);
+            let target = ours.join(dir).join(rest);
+            if fs::symlink_metadata(&target).is_ok() {
+                continue;
+            }
+            let loose = origin.join(dir).join(rest);
+            if fs::symlink_metadata(&loose).is_err() {
+                packed = true;
+                continue;
+            }
+            fs::create_dir_all(ours.join(dir)).map_err(io("creating an object directory"))?;
+            link_or_copy(&loose, &target)?;
+        }
+        if packed {
+            let pack_dir = ours.join("pack");
+            fs::create_dir_all(&pack_dir).map_err(io("creating the pack directory"))?;
+            let mut names: Vec<PathBuf> = fs::read_dir(origin.join("pack"))
+                .map_err(io("listing origin's packs"))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "pack" || x == "idx"))
+                .collect();
+            // A pack is used once its .idx exists: link every .pack before its .idx.
+            names.sort_by_key(|p| p.extension().is_some_and(|x| x == "idx"));
+            for from in names {
+                let Some(name) = from.file_name() else {
+                    continue;
+                };
+                let to = pack_dir.join(name);
+                if fs::symlink_metadata(&to).is_err() {
+                    link_or_copy(&from, &to)?;
+                }
+            }
+        }
+        Ok(())
+    })
+    .await;
+    match done {
+        Ok(()) => {
+            let _ = fs::write(git_dir.join(SECURED_FILE), format!("{commit}\n"));
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot link the commit's objects; the clone still borrows them from origin")
+        }
     }
-    let _ = fs::write(git_dir.join(SECURED_FILE), format!("{commit}\n"));
-    let packs = fs::read_dir(git_dir.join("objects/pack"))
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| e.path().extension().is_some_and(|x| x == "pack"))
-                .count()
-        })
-        .unwrap_or(0);
-    if packs > 50 {
-        // Everything HEAD reaches, the borrowed objects included, into one pack.
-        if let Err(e) = git
-            .run(
-                "merging the clone's packs",
-                GitErrorKind::Io,
-                ["repack", "-a", "-d", "-q"],
-            )
-            .await
+}
+
+/// A hard link from `from` to `to`, or a copy (through a temporary name) when the two are
+/// on different file systems. A file that vanished meanwhile is skipped.
+fn link_or_copy(from: &Path, to: &Path) -> Result<(), GitError> {
+    match fs::hard_link(from, to) {
+        Ok(()) => Ok(()),
+        Err(e)
+            if e.kind() == std::io::ErrorKind::AlreadyExists
+                || e.kind() == std::io::ErrorKind::NotFound =>
         {
-            warn!(error = %e, "cannot merge the clone's packs");
+            Ok(())
+        }
+        Err(_) => {
+            let tmp = to.with_extension("tinyci-tmp");
+            match fs::copy(from, &tmp) {
+                Ok(_) => fs::rename(&tmp, to).map_err(io("placing a copied object")),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => {
+                    let _ = fs::remove_file(&tmp);
+                    Err(io("copying an object")(e))
+                }
+            }
         }
     }
 }
