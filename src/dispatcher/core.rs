@@ -624,8 +624,14 @@ impl Core {
         }
         let held = std::mem::take(&mut self.unsynced);
         for r in &held.results {
-            if let Some((job, runner)) = held.reported_by.get(&r.commit) {
-                info!(commit = %r.commit, status = ?r.status, runner = %runner, attempts = r.attempts, job = %job, "result recorded");
+            match held.reported_by.get(&r.commit) {
+                Some((job, runner)) => {
+                    info!(commit = %r.commit, status = ?r.status, runner = %runner, attempts = r.attempts, job = %job, "result recorded")
+                }
+                // Given up: no runner reported it.
+                None => {
+                    info!(commit = %r.commit, status = ?r.status, attempts = r.attempts, "result recorded")
+                }
             }
         }
         for (runner, job, accepted) in held.result_acks {
