@@ -1197,7 +1197,9 @@ fn junk(rng: &mut Rng, clone: &Path, outside: &Path, light: bool) -> String {
         }
         8 | 9 if !files.is_empty() => {
             let f = rng.pick(&files).clone();
-            if let Ok(mut b) = std::fs::read(&f) {
+            // An earlier junk of this round may have made it a FIFO: opening that blocks.
+            let regular = std::fs::symlink_metadata(&f).is_ok_and(|m| m.is_file());
+            if let Some(mut b) = regular.then(|| std::fs::read(&f).ok()).flatten() {
                 if !b.is_empty() && rng.chance(1, 2) {
                     // Same size, same second: only the content tells.
                     let i = rng.below(b.len());

@@ -31,6 +31,11 @@ use crate::shutdown::Shutdown;
 /// At most this many connections are served at once; more are closed on arrival.
 pub const MAX_CONNECTIONS: usize = 2048;
 
+/// Events from the connections waiting for the core, at most: a connection whose event
+/// does not fit waits (and so stops reading its peer) until the core catches up, so a
+/// flood from the network cannot grow the dispatcher's memory without bound.
+const EVENT_QUEUE: usize = 1024;
+
 /// At most this many commits in one `Submit`.
 pub const MAX_SUBMIT: usize = 10_000;
 
@@ -75,7 +80,7 @@ pub enum DispatcherError {
 }
 
 struct Ctx {
-    events: mpsc::Sender<Event>,
+    events: mpsc::SyncSender<Event>,
     config: Config,
     shutdown: Shutdown,
     /// Whether we already warned that a peer presented a token we do not check.
@@ -109,7 +114,7 @@ pub async fn run(
         pending,
         grace,
     )?;
-    let (events, rx) = mpsc::channel();
+    let (events, rx) = mpsc::sync_channel(EVENT_QUEUE);
     let core_shutdown = shutdown.clone();
     let core_thread = std::thread::Builder::new()
         .name("dispatcher-core".into())
@@ -171,12 +176,32 @@ pub async fn run(
     {
         warn!("some connections did not finish in time");
     }
-    let _ = events.send(Event::Shutdown);
+    let mut pending = Some(Event::Shutdown);
+    while let Some(ev) = pending.take() {
+        if let Err(mpsc::TrySendError::Full(ev)) = events.try_send(ev) {
+            pending = Some(ev);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
     drop(ctx);
     drop(events);
     match tokio::task::spawn_blocking(move || core_thread.join()).await {
         Ok(Ok(res)) => res.map_err(DispatcherError::from),
         _ => Err(DispatcherError::CoreDied),
+    }
+}
+
+/// Hands `ev` to the core, waiting while its queue is full; `Err` once the core is gone.
+async fn feed(ctx: &Ctx, mut ev: Event) -> Result<(), ()> {
+    loop {
+        match ctx.events.try_send(ev) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::TrySendError::Full(back)) => {
+                ev = back;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => return Err(()),
+        }
     }
 }
 
@@ -245,7 +270,7 @@ async fn serve_observer(conn: &mut Connection<TcpStream>, ctx: &Ctx) -> Result<(
                     .await;
                 }
                 let (reply, answer) = oneshot::channel();
-                if ctx.events.send(Event::Submit { commits, reply }).is_err() {
+                if feed(ctx, Event::Submit { commits, reply }).await.is_err() {
                     return Ok(()); // shutting down
                 }
                 let Ok(answer) = answer.await else {
@@ -319,11 +344,15 @@ async fn serve_runner(
         Ok(Ended::Goodbye(reason)) => (reason.clone(), true),
         Err(e) => (e.to_string(), false),
     };
-    let _ = ctx.events.send(Event::RunnerLost {
-        runner: id,
-        reason,
-        goodbye,
-    });
+    let _ = feed(
+        ctx,
+        Event::RunnerLost {
+            runner: id,
+            reason,
+            goodbye,
+        },
+    )
+    .await;
     res.map(|_| ())
 }
 
@@ -404,7 +433,7 @@ async fn runner_loop(
                         return Ok(Ended::Lost("protocol error".into()));
                     }
                 };
-                if ctx.events.send(ev).is_err() {
+                if feed(ctx, ev).await.is_err() {
                     return Ok(Ended::Shutdown);
                 }
             }

@@ -154,7 +154,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), ObserverError
                 break;
             };
             let last = acked.clone();
-            if let Err(e) = save_state(&state_path, &branch, &last) {
+            // The fsync runs off the async runtime's threads.
+            let (path, b, c) = (state_path.clone(), branch.clone(), last.clone());
+            let saved = tokio::task::spawn_blocking(move || save_state(&path, &b, &c))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            if let Err(e) = saved {
                 // Keep going: at worst a restart resubmits, and the dispatcher drops repeats.
                 warn!(error = %e, "cannot save the observer state");
             }

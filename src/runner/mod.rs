@@ -807,6 +807,12 @@ async fn flush(conn: &mut Connection<TcpStream>, j: &mut ActiveJob) -> Result<()
     Ok(())
 }
 
+/// Status connections served at once, at most; more are closed on arrival.
+const MAX_STATUS_CONNECTIONS: usize = 64;
+
+/// A status connection's whole exchange (hello, request, answer) must fit in this.
+const STATUS_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Answers status queries on the runner's own port.
 async fn serve_status(
     listener: TcpListener,
@@ -815,6 +821,7 @@ async fn serve_status(
     token: Option<String>,
     shutdown: Shutdown,
 ) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_STATUS_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -827,10 +834,16 @@ async fn serve_status(
                 }
             },
         };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            warn!(peer = %peer, "too many status connections; closing this one");
+            continue;
+        };
         let (addr, status, token) = (addr.clone(), status.clone(), token.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let mut conn = Connection::new(stream);
-            let res = async {
+            // The whole exchange is bounded: a peer that stops reading cannot hold it.
+            let res = tokio::time::timeout(STATUS_EXCHANGE_TIMEOUT, async {
                 conn.server_handshake(&[Role::Client], token.as_deref())
                     .await?;
                 let ToRunner::Status = conn
@@ -847,8 +860,13 @@ async fn serve_status(
                     paused,
                 })
                 .await
-            }
-            .await;
+            })
+            .await
+            .unwrap_or_else(|_| {
+                Err(ProtoError::Violation(format!(
+                    "no complete exchange within {STATUS_EXCHANGE_TIMEOUT:?}"
+                )))
+            });
             if let Err(e) = res {
                 warn!(peer = %peer, error = %e, "status request failed");
             }
