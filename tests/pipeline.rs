@@ -329,3 +329,59 @@ fn runner_port_answers_status_queries() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// Whether the peer closes `s` (EOF or reset) within `within`, reading whatever it sends.
+fn closed_within(s: &mut std::net::TcpStream, within: Duration) -> bool {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + within;
+    let mut buf = [0u8; 256];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+            return false;
+        }
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn runner_status_port_caps_connections_and_closes_silent_ones() -> Result<()> {
+    let c = Cluster::start_ready(bins(), Opts::default())?;
+    let addr = c.runner_addrs[0].clone();
+    // Fill the cap (64) with connections that never say hello.
+    let silent: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| std::net::TcpStream::connect(&addr))
+        .collect::<Result<_, _>>()?;
+    // Once all are accepted, one more is closed at once.
+    wait_until(
+        "a connection past the cap to be closed at once",
+        WAIT,
+        || {
+            std::net::TcpStream::connect(&addr)
+                .is_ok_and(|mut s| closed_within(&mut s, Duration::from_millis(500)))
+        },
+    )?;
+    anyhow::ensure!(
+        runner_status(&addr).is_err(),
+        "a status query past the cap must be refused"
+    );
+    // The silent ones are closed by the runner at its handshake deadline (5 s)...
+    let started = std::time::Instant::now();
+    for mut s in silent {
+        anyhow::ensure!(
+            closed_within(&mut s, Duration::from_secs(15)),
+            "a silent status connection was held open"
+        );
+    }
+    anyhow::ensure!(started.elapsed() < Duration::from_secs(12));
+    // ...and the port answers again.
+    wait_until("the runner to answer status again", WAIT, || {
+        runner_status(&addr).is_ok()
+    })?;
+    Ok(())
+}
