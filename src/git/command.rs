@@ -97,7 +97,6 @@ impl Git<'_> {
             .args(args)
             .current_dir(self.dir)
             .env("GIT_TERMINAL_PROMPT", "0")
-            .env("GIT_SSH_VARIANT", "auto")
             .stdin(if input.is_some() {
                 Stdio::piped()
             } else {
