@@ -36,16 +36,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    let log = tinyci::logging::init();
-    let res = tokio::runtime::Runtime::new()
-        .context("cannot start the async runtime")
-        .and_then(|rt| rt.block_on(run(args)));
-    drop(log);
-    match res {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => tinyci::exit::report(e.as_ref()),
-    }
+    tinyci::exit::main_with(run(Args::parse()))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

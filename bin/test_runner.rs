@@ -52,16 +52,7 @@ fn main() -> ExitCode {
     // A step's supervisor is this binary in a hidden mode; it must start before any thread.
     runner::supervisor::main_if_supervisor();
     runner::harden_process();
-    let args = Args::parse();
-    let log = tinyci::logging::init();
-    let res = tokio::runtime::Runtime::new()
-        .context("cannot start the async runtime")
-        .and_then(|rt| rt.block_on(run(args)));
-    drop(log);
-    match res {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => tinyci::exit::report(e.as_ref()),
-    }
+    tinyci::exit::main_with(run(Args::parse()))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

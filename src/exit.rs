@@ -65,6 +65,27 @@ pub fn report(e: &(dyn Error + 'static)) -> ExitCode {
     ExitCode::from(if is_permanent(e) { CONFIG } else { FAILURE })
 }
 
+/// The body of every binary's `main`: starts logging and a tokio runtime, runs `run` to
+/// completion, flushes the log, and turns an error into one `error:` line and its exit code.
+pub fn main_with<E>(run: impl std::future::Future<Output = Result<(), E>>) -> ExitCode
+where
+    E: AsRef<dyn Error + 'static>,
+{
+    let log = crate::logging::init();
+    let res = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt.block_on(run),
+        Err(e) => {
+            drop(log);
+            return report(&e);
+        }
+    };
+    drop(log);
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => report(e.as_ref()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
