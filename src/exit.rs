@@ -7,7 +7,7 @@
 //! | 0 | stopped on request (Ctrl-C, SIGTERM) |
 //! | 1 | failed; restarting may help (storage failure, port taken…) |
 //! | 2 | bad command line (clap's usage errors, including an address without a port) |
-//! | 78 | permanent: the configuration must change — the dispatcher refused our hello (wrong token, another protocol version, wrong role), the peer is not a tinyci server, the token setting is empty or unreadable |
+//! | 78 | permanent: the configuration must change — the dispatcher refused our hello (wrong token, another protocol version, wrong role), the peer is not a tinyci server, the token setting is empty or unreadable, `REPO_CLONE` is not a usable clone or is locked by another process |
 
 use std::error::Error;
 use std::process::ExitCode;
@@ -52,6 +52,14 @@ pub fn is_permanent(e: &(dyn Error + 'static)) -> bool {
             if p.is_permanent() {
                 return true;
             }
+        }
+        // A clone path that is not a usable clone (or is another process's): the message
+        // says what to pass instead.
+        if err
+            .downcast_ref::<crate::git::GitError>()
+            .is_some_and(|g| g.kind == crate::git::GitErrorKind::Usage)
+        {
+            return true;
         }
         next = err.source();
     }

@@ -450,7 +450,7 @@ fn a_missing_clone_is_named_as_such() -> Result<()> {
     let missing = tmp.path().join("no-such-clone");
     let (status, stderr) = run_to_exit(runner_cmd(&missing, "127.0.0.1:1"), WAIT)?;
     let line = last_line(&stderr);
-    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(status.code(), Some(78), "{stderr}");
     assert!(line.starts_with("error: "), "{stderr}");
     assert!(line.contains(&missing.display().to_string()), "{line}");
     assert!(!line.contains("listener"), "{line}");
