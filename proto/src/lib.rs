@@ -9,7 +9,7 @@
 //! | when | sender → receiver | message | answer |
 //! |---|---|---|---|
 //! | first frame, every connection | connecting side → accepting side | [`Hello`] | [`HelloReply`] (`Welcome` or `Refused`, then close) |
-//! | observer has new commits | observer → dispatcher | [`ToDispatcher::Submit`] | [`FromDispatcher::Submitted`] after the commits are journaled |
+//! | observer has new commits | observer → dispatcher | [`ToDispatcher::Submit`] | [`FromDispatcher::Submitted`] after the commits are durably recorded |
 //! | runner connected | runner → dispatcher | [`ToDispatcher::Register`] (held job, paused?) | [`FromDispatcher::Registered`] (with a verdict on a held job, and the heartbeat timeout) |
 //! | every heartbeat interval | dispatcher → runner | [`FromDispatcher::Ping`] | [`ToDispatcher::Pong`] |
 //! | a runner heard nothing for the heartbeat timeout | runner | (closes, connects again) | |
@@ -21,6 +21,10 @@
 //! | runner stops on purpose | runner → dispatcher | [`ToDispatcher::Goodbye`], then close | none (a held job goes back uncounted) |
 //! | dispatcher stops on purpose | dispatcher → runner | [`FromDispatcher::ShuttingDown`], then close | none (the runner keeps its job and reconnects at once) |
 //! | a client asks a runner | client → runner | [`ToRunner::Status`] | [`FromRunner::Status`] |
+//! | a client asks the dispatcher | client → dispatcher | [`ToDispatcher::Status`], [`ToDispatcher::Runs`], [`ToDispatcher::Run`], [`ToDispatcher::Why`] | [`FromDispatcher::Status`], [`FromDispatcher::Runs`], [`FromDispatcher::Run`], [`FromDispatcher::Why`] (or [`FromDispatcher::NotFound`] / [`FromDispatcher::Ambiguous`]) |
+//! | a client submits | client → dispatcher | [`ToDispatcher::Submit`] (branch, front, rerun) | [`FromDispatcher::Submitted`] |
+//! | a client follows a log | client → dispatcher | [`ToDispatcher::FollowLog`] | [`FromDispatcher::LogData`]…, then [`FromDispatcher::LogEnd`] |
+//! | a client cancels | client → dispatcher | [`ToDispatcher::Cancel`] | [`FromDispatcher::Cancelled`]; a running attempt's runner gets [`FromDispatcher::Cancel`] and answers with its `Done` (status `cancelled`) |
 //! | a peer broke the protocol | either | [`FromDispatcher::Error`] | none; close |
 
 mod ids;
@@ -38,15 +42,17 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 pub use ids::{CommitId, InvalidCommitId, JobId, RunnerId};
 pub use messages::{
-    FromDispatcher, FromRunner, GiveBackCause, HeldJob, HeldVerdict, Hello, HelloReply, Role,
-    RunReport, RunStatus, StepReport, StepStatus, ToDispatcher, ToRunner,
+    AttemptView, DispatcherStatus, FromDispatcher, FromRunner, GiveBackCause, HeldJob,
+    HeldVerdict, Hello, HelloReply, QueuedView, Role, RunDetail, RunQuery, RunReport, RunState,
+    RunStatus, RunSummary, RunnerState, RunnerView, StepReport, StepStatus, ToDispatcher,
+    ToRunner,
 };
 
 /// The first four bytes of every hello: ASCII `tCI1`.
 pub const MAGIC: u32 = 0x7443_4931;
 
 /// Bumped on every change to a message after the hello.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The largest frame either side sends or accepts (the length prefix is checked before any
 /// byte of the body is buffered).

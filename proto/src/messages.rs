@@ -45,7 +45,8 @@ pub enum Role {
     Observer,
     /// A test_runner registering with the dispatcher.
     Runner,
-    /// A tool asking a runner (or dispatcher) for its status.
+    /// A tool (`tinyci`, a git hook) asking a runner or the dispatcher, submitting and
+    /// cancelling.
     Client,
 }
 
@@ -83,11 +84,18 @@ impl std::fmt::Display for Role {
 /// Messages to the dispatcher, from an observer or a runner (after the hello).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ToDispatcher {
-    /// Observer: these new commits, oldest first. Answered by [`FromDispatcher::Submitted`]
-    /// once every one of them is durably recorded (or known already).
+    /// Observer or client: these new commits, oldest first. Answered by
+    /// [`FromDispatcher::Submitted`] once every one of them is durably recorded (or known
+    /// already).
     Submit {
         /// The commits, oldest first.
         commits: Vec<CommitId>,
+        /// The branch they were found on, when the sender knows it.
+        branch: Option<String>,
+        /// Put them at the front of the queue instead of the back.
+        front: bool,
+        /// Run finished ones again (a queued or running one is still not queued twice).
+        rerun: bool,
     },
     /// Runner, once, right after the hello: where it listens and what job it still holds
     /// from an earlier connection. Answered by [`FromDispatcher::Registered`].
@@ -146,6 +154,43 @@ pub enum ToDispatcher {
         /// Whether the attempt counts towards the commit's maximum.
         cause: GiveBackCause,
     },
+    /// Client: the dispatcher's queue (with why each commit waits), runners and counts.
+    /// Answered by [`FromDispatcher::Status`].
+    Status,
+    /// Client: the runs, newest first. Answered by [`FromDispatcher::Runs`].
+    Runs(RunQuery),
+    /// Client: one run, by its id or a unique prefix of it (at least 4 hex digits).
+    /// Answered by [`FromDispatcher::Run`], [`FromDispatcher::NotFound`] or
+    /// [`FromDispatcher::Ambiguous`].
+    Run {
+        /// Lowercase hex, 4 to 64 digits.
+        prefix: String,
+    },
+    /// Client: the run's log from byte `offset`. Answered by [`FromDispatcher::LogData`]
+    /// frames, then (once every byte of a finished run was sent, or at once without
+    /// `follow` when the end of the file is reached) [`FromDispatcher::LogEnd`]; or
+    /// [`FromDispatcher::NotFound`].
+    FollowLog {
+        /// The run.
+        commit: CommitId,
+        /// Where to start, in bytes.
+        offset: u64,
+        /// Keep the connection and send output as it arrives until the run ends.
+        follow: bool,
+    },
+    /// Client: cancel a queued or running commit (a running one's steps are killed). Its
+    /// result says `cancelled`. Answered by [`FromDispatcher::Cancelled`] or
+    /// [`FromDispatcher::NotFound`].
+    Cancel {
+        /// The commit.
+        commit: CommitId,
+    },
+    /// Client: why is this commit not running? Answered by [`FromDispatcher::Why`] or
+    /// [`FromDispatcher::NotFound`].
+    Why {
+        /// The commit.
+        commit: CommitId,
+    },
     /// Runner, last frame before it closes on purpose (it is stopping): not a death, so
     /// whatever job it still holds goes back to the queue without counting. Not answered.
     Goodbye {
@@ -171,7 +216,7 @@ pub enum GiveBackCause {
 /// Messages from the dispatcher to an observer or a runner.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FromDispatcher {
-    /// To an observer: the answer to [`ToDispatcher::Submit`].
+    /// To an observer or client: the answer to [`ToDispatcher::Submit`].
     Submitted {
         /// How many of the submitted commits were new and are now queued.
         queued: u32,
@@ -211,6 +256,59 @@ pub enum FromDispatcher {
     /// To anyone: a protocol error; the connection closes after this frame.
     Error {
         /// Why, in words fit for a log line.
+        reason: String,
+    },
+    /// To a runner: stop the steps of attempt `job` (kill their process group) and report
+    /// it with status `cancelled`. Answered by the attempt's `Done`.
+    Cancel {
+        /// The attempt.
+        job: JobId,
+    },
+    /// To a client: the answer to [`ToDispatcher::Status`].
+    Status(Box<DispatcherStatus>),
+    /// To a client: the answer to [`ToDispatcher::Runs`].
+    Runs {
+        /// How many runs match the query in all (not just this page).
+        total: u64,
+        /// This page, newest first.
+        runs: Vec<RunSummary>,
+    },
+    /// To a client: the answer to [`ToDispatcher::Run`].
+    Run(Box<RunDetail>),
+    /// To a client: no commit known to the dispatcher matches.
+    NotFound {
+        /// What was asked for.
+        what: String,
+    },
+    /// To a client: the prefix matches more than one commit.
+    Ambiguous {
+        /// Some of the commits it matches.
+        candidates: Vec<CommitId>,
+    },
+    /// To a client following a log: the next bytes, starting at `offset`.
+    LogData {
+        /// Byte offset of `data` within the log file.
+        offset: u64,
+        /// Raw bytes of the log.
+        data: Vec<u8>,
+    },
+    /// To a client following a log: nothing more will come.
+    LogEnd {
+        /// The offset just past the last byte sent.
+        offset: u64,
+        /// The run's state when the log ended.
+        state: RunState,
+    },
+    /// To a client: the answer to [`ToDispatcher::Cancel`].
+    Cancelled {
+        /// The commit's state when the cancel arrived.
+        was: RunState,
+    },
+    /// To a client: the answer to [`ToDispatcher::Why`].
+    Why {
+        /// The commit's state.
+        state: RunState,
+        /// Why it is in that state, in words.
         reason: String,
     },
     /// To a runner: the dispatcher is stopping on purpose (it will most likely be
@@ -290,6 +388,212 @@ pub enum RunStatus {
     Failure,
     /// The run could not be carried out (bad spec, checkout failed, runner kept dying…).
     Error,
+    /// Somebody cancelled it.
+    Cancelled,
+}
+
+/// Where a commit is in its life, as clients see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// Waiting in the queue.
+    Queued,
+    /// A runner is on it.
+    Running,
+    /// Every step succeeded.
+    Success,
+    /// A step failed or timed out.
+    Failure,
+    /// The run could not be carried out.
+    Error,
+    /// Somebody cancelled it.
+    Cancelled,
+}
+
+impl RunState {
+    /// Whether the run is over.
+    pub fn is_finished(self) -> bool {
+        !matches!(self, RunState::Queued | RunState::Running)
+    }
+
+    /// The word for it (as in the result file's `status`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Queued => "queued",
+            RunState::Running => "running",
+            RunState::Success => "success",
+            RunState::Failure => "failure",
+            RunState::Error => "error",
+            RunState::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl From<RunStatus> for RunState {
+    fn from(s: RunStatus) -> RunState {
+        match s {
+            RunStatus::Success => RunState::Success,
+            RunStatus::Failure => RunState::Failure,
+            RunStatus::Error => RunState::Error,
+            RunStatus::Cancelled => RunState::Cancelled,
+        }
+    }
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for RunState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<RunState, String> {
+        Ok(match s {
+            "queued" => RunState::Queued,
+            "running" => RunState::Running,
+            "success" => RunState::Success,
+            "failure" => RunState::Failure,
+            "error" => RunState::Error,
+            "cancelled" => RunState::Cancelled,
+            other => {
+                return Err(format!(
+                    "unknown status {other:?} (one of queued, running, success, failure, error, cancelled)"
+                ))
+            }
+        })
+    }
+}
+
+/// A client's question for [`ToDispatcher::Runs`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunQuery {
+    /// Only runs in this state.
+    pub state: Option<RunState>,
+    /// Only runs of this branch.
+    pub branch: Option<String>,
+    /// At most this many (the dispatcher caps it).
+    pub limit: u32,
+    /// Skip this many of the newest first.
+    pub offset: u64,
+}
+
+/// One line of the run list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// The commit.
+    pub commit: CommitId,
+    /// Where it is.
+    pub state: RunState,
+    /// The branch it was found on, if known.
+    pub branch: Option<String>,
+    /// Names of the steps that failed or timed out.
+    pub failed_steps: Vec<String>,
+    /// When it was queued, in milliseconds since the epoch.
+    pub queued_at_ms: u64,
+    /// When it finished, if it has.
+    pub finished_at_ms: Option<u64>,
+    /// Attempts that counted so far.
+    pub attempts: u32,
+}
+
+/// One attempt of a run, as the dispatcher recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptView {
+    /// The attempt's id.
+    pub job: JobId,
+    /// The runner's address.
+    pub runner: String,
+    /// When it was handed out (ms since the epoch).
+    pub started_at_ms: u64,
+    /// When it ended, if it has.
+    pub ended_at_ms: Option<u64>,
+    /// How it ended (`running`, `result`, `returned`…).
+    pub outcome: String,
+    /// Why it ended without a result, if it did.
+    pub reason: Option<String>,
+}
+
+/// Everything known about one run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunDetail {
+    /// The list line.
+    pub summary: RunSummary,
+    /// The steps of the result, once there is one.
+    pub steps: Vec<StepReport>,
+    /// The runner of the result (or of the running attempt).
+    pub runner: Option<String>,
+    /// When the attempt that produced the result started.
+    pub started_at_ms: Option<u64>,
+    /// The result's `error`, if any.
+    pub error: Option<String>,
+    /// Every attempt, oldest first.
+    pub attempts: Vec<AttemptView>,
+    /// The log's length in bytes so far.
+    pub log_len: u64,
+    /// Where the result file is (or will be), on the dispatcher's machine.
+    pub result_file: String,
+}
+
+/// A commit waiting in the queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedView {
+    /// The commit.
+    pub commit: CommitId,
+    /// Its branch, if known.
+    pub branch: Option<String>,
+    /// When it was queued (ms since the epoch).
+    pub queued_at_ms: u64,
+    /// Attempts that counted so far.
+    pub attempts: u32,
+    /// Why it waits, in words.
+    pub waiting: String,
+}
+
+/// What a runner is doing, as the dispatcher sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunnerState {
+    /// Free for a job.
+    Idle,
+    /// On a job.
+    Busy {
+        /// The commit.
+        commit: CommitId,
+        /// The attempt.
+        job: JobId,
+    },
+    /// Takes no jobs for now.
+    Paused {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One registered runner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunnerView {
+    /// The dispatcher's name for its registration.
+    pub id: RunnerId,
+    /// Where it listens.
+    pub addr: String,
+    /// What it does.
+    pub state: RunnerState,
+}
+
+/// The answer to [`ToDispatcher::Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DispatcherStatus {
+    /// The queue, next first.
+    pub queue: Vec<QueuedView>,
+    /// Commits on a runner now.
+    pub running: Vec<RunSummary>,
+    /// Every registered runner.
+    pub runners: Vec<RunnerView>,
+    /// Runs per state, over the whole history.
+    pub counts: Vec<(RunState, u64)>,
+    /// Why the dispatcher refuses submissions now (its database cannot be written), if so.
+    pub refusing: Option<String>,
 }
 
 /// How one step ended.

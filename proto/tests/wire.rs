@@ -40,11 +40,43 @@ fn report() -> RunReport {
     }
 }
 
+fn summary() -> RunSummary {
+    RunSummary {
+        commit: sha(3),
+        state: RunState::Failure,
+        branch: Some("main".into()),
+        failed_steps: vec!["test".into()],
+        queued_at_ms: 1,
+        finished_at_ms: Some(2),
+        attempts: 1,
+    }
+}
+
 fn to_dispatcher() -> Vec<ToDispatcher> {
     vec![
         ToDispatcher::Submit {
             commits: vec![sha(1), sha(2)],
+            branch: Some("main".into()),
+            front: true,
+            rerun: false,
         },
+        ToDispatcher::Status,
+        ToDispatcher::Runs(RunQuery {
+            state: Some(RunState::Failure),
+            branch: Some("main".into()),
+            limit: 20,
+            offset: 40,
+        }),
+        ToDispatcher::Run {
+            prefix: "abcd".into(),
+        },
+        ToDispatcher::FollowLog {
+            commit: sha(4),
+            offset: 1 << 40,
+            follow: true,
+        },
+        ToDispatcher::Cancel { commit: sha(5) },
+        ToDispatcher::Why { commit: sha(6) },
         ToDispatcher::Register {
             addr: "127.0.0.1:8900".into(),
             held: None,
@@ -118,6 +150,76 @@ fn from_dispatcher() -> Vec<FromDispatcher> {
             commit: sha(9),
         },
         FromDispatcher::Ping { seq: 1 },
+        FromDispatcher::Cancel { job: JobId::new() },
+        FromDispatcher::Status(Box::new(DispatcherStatus {
+            queue: vec![QueuedView {
+                commit: sha(1),
+                branch: None,
+                queued_at_ms: 5,
+                attempts: 1,
+                waiting: "no runner is registered".into(),
+            }],
+            running: vec![summary()],
+            runners: vec![
+                RunnerView {
+                    id: RunnerId(1),
+                    addr: "h:1".into(),
+                    state: RunnerState::Busy {
+                        commit: sha(2),
+                        job: JobId::new(),
+                    },
+                },
+                RunnerView {
+                    id: RunnerId(2),
+                    addr: "h:2".into(),
+                    state: RunnerState::Paused {
+                        reason: "origin unreachable".into(),
+                    },
+                },
+            ],
+            counts: vec![(RunState::Success, 3), (RunState::Cancelled, 1)],
+            refusing: Some("disk full".into()),
+        })),
+        FromDispatcher::Runs {
+            total: 9,
+            runs: vec![summary()],
+        },
+        FromDispatcher::Run(Box::new(RunDetail {
+            summary: summary(),
+            steps: report().steps,
+            runner: Some("h:1".into()),
+            started_at_ms: Some(7),
+            error: None,
+            attempts: vec![AttemptView {
+                job: JobId::new(),
+                runner: "h:1".into(),
+                started_at_ms: 7,
+                ended_at_ms: None,
+                outcome: "running".into(),
+                reason: None,
+            }],
+            log_len: 12,
+            result_file: "/r/x.json".into(),
+        })),
+        FromDispatcher::NotFound { what: "x".into() },
+        FromDispatcher::Ambiguous {
+            candidates: vec![sha(1), sha(2)],
+        },
+        FromDispatcher::LogData {
+            offset: 3,
+            data: b"[t] x\n".to_vec(),
+        },
+        FromDispatcher::LogEnd {
+            offset: 9,
+            state: RunState::Cancelled,
+        },
+        FromDispatcher::Cancelled {
+            was: RunState::Queued,
+        },
+        FromDispatcher::Why {
+            state: RunState::Queued,
+            reason: "busy".into(),
+        },
         FromDispatcher::ResultAck {
             job: JobId::new(),
             accepted: false,
@@ -368,7 +470,7 @@ fn feed(bytes: &[u8]) {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: std::env::var("TINYCI_FUZZ_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000),
+        cases: std::env::var("TINYCI_FUZZ_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(500),
         failure_persistence: None,
         ..ProptestConfig::default()
     })]

@@ -232,6 +232,94 @@ pub fn read_root_file(
     Ok((file, has_dir))
 }
 
+/// The repository of the current directory (or of `GIT_DIR`, as git sets it for hooks),
+/// if there is one.
+fn open_here() -> Option<Repository> {
+    Repository::open_from_env().ok()
+}
+
+/// Resolves `name` (a ref, an abbreviated id, `HEAD~2`…) to a commit in the repository of
+/// the current directory. `None` when there is no repository here or the name does not
+/// name a commit in it.
+pub fn resolve_here(name: &str) -> Option<CommitId> {
+    let repo = open_here()?;
+    let obj = repo.revparse_single(name).ok()?;
+    let commit = obj.peel_to_commit().ok()?;
+    commit_id(commit.id()).ok()
+}
+
+/// The git directory of the repository at `path` (bare or not), made absolute, and
+/// whether it is bare.
+pub fn git_dir_of(path: &Path) -> Result<(std::path::PathBuf, bool), GitError> {
+    let repo = Repository::open(path).map_err(|e| {
+        GitError::new(
+            format!("opening repository {}", path.display()),
+            e.message(),
+            GitErrorKind::Usage,
+        )
+    })?;
+    let dir = repo.path();
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    Ok((dir, repo.is_bare()))
+}
+
+/// The branch HEAD points at in the repository at `path` (`main` for `refs/heads/main`),
+/// even when that branch has no commit yet.
+pub fn head_branch(path: &Path) -> Result<String, GitError> {
+    let repo = open(path)?;
+    let head = repo
+        .find_reference("HEAD")
+        .map_err(err("reading HEAD"))?;
+    head.symbolic_target()
+        .and_then(|t| t.strip_prefix("refs/heads/"))
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            GitError::new(
+                "reading HEAD",
+                "HEAD is detached; name the branch to follow with --branch",
+                GitErrorKind::Usage,
+            )
+        })
+}
+
+/// The commits a push moved `branch` over: from `old` (exclusive) to `new`, oldest first,
+/// at most `max`, read from the repository of the current directory (or `GIT_DIR`). A new
+/// branch (`old` is zeros) gives just its tip, as the observer does on its first start.
+pub fn pushed_commits(old: &str, new: &CommitId, max: usize) -> Result<Vec<CommitId>, GitError> {
+    let repo = open_here().ok_or_else(|| {
+        GitError::new(
+            "opening the pushed repository",
+            "no repository here (a hook runs inside one)",
+            GitErrorKind::Usage,
+        )
+    })?;
+    let Ok(since) = CommitId::parse(old) else {
+        return Ok(vec![new.clone()]);
+    };
+    if old.bytes().all(|b| b == b'0') {
+        return Ok(vec![new.clone()]);
+    }
+    commits_between(repo.path(), &since, new, max)
+}
+
+/// Sets `key` to `value` in the local configuration of the repository at `path`.
+pub fn set_config(path: &Path, key: &str, value: &str) -> Result<(), GitError> {
+    let repo = open(path)?;
+    let mut cfg = repo
+        .config()
+        .and_then(|mut c| c.open_level(git2::ConfigLevel::Local))
+        .map_err(err("opening the repository's configuration"))?;
+    cfg.set_str(key, value)
+        .map_err(err(format!("setting {key}")))
+}
+
+/// The value of `key` as the repository at `path` sees it (all levels), if set.
+pub fn get_config(path: &Path, key: &str) -> Option<String> {
+    let repo = Repository::open(path).ok()?;
+    let cfg = repo.config().ok()?;
+    cfg.get_string(key).ok()
+}
+
 /// The commits after `since` up to and including `tip`, oldest first, at most `max`.
 ///
 /// When `since` is not an ancestor of `tip` (history was rewritten), only `tip` is returned:

@@ -6,6 +6,8 @@
 //! so a restart neither skips nor repeats commits. On its very first start it reports just
 //! the current tip, not the whole history.
 
+pub mod nudge;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -115,6 +117,23 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), ObserverError
         next_try: Instant::now(),
         addr: config.dispatcher.clone(),
         token,
+        branch: branch.clone(),
+    };
+    // A local origin can nudge us the moment its branch moves (tinyci's
+    // reference-transaction hook); the poll stays as the safety net.
+    let mut nudge = match &clone.origin {
+        git::Origin::Local { objects, .. } => match objects.parent().map(nudge::Nudge::create) {
+            Some(Ok(n)) => {
+                info!(fifo = %n.path().display(), "listening for nudges from the origin's hook");
+                Some(n)
+            }
+            Some(Err(e)) => {
+                warn!(error = %e, "cannot create the nudge FIFO in the origin; polling only");
+                None
+            }
+            None => None,
+        },
+        git::Origin::Remote { .. } => None,
     };
     let cancel = shutdown.child_token();
     let mut failures = Backoff::default();
@@ -124,6 +143,15 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), ObserverError
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {}
+            _ = async {
+                match nudge.as_mut() {
+                    Some(n) => n.wait().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                tracing::debug!("nudged: polling now");
+                tick.reset();
+            }
         }
         let (new_base, pending) =
             match poll(&clone.path, &branch, base.clone(), config.limits, &cancel).await {
@@ -204,6 +232,7 @@ struct Link {
     next_try: Instant,
     addr: String,
     token: String,
+    branch: String,
 }
 
 impl Link {
@@ -239,7 +268,7 @@ impl Link {
             let Some(conn) = self.conn.as_mut() else {
                 return Ok(None);
             };
-            match exchange(conn, batch).await {
+            match exchange(conn, batch, &self.branch).await {
                 Ok((queued, known)) => {
                     // Only an answered submission proves the link: a dispatcher that
                     // accepts connections and then fails them must not be hammered.
@@ -268,9 +297,13 @@ impl Link {
 async fn exchange(
     conn: &mut Connection<TcpStream>,
     batch: &[CommitId],
+    branch: &str,
 ) -> Result<(u32, u32), ProtoError> {
     conn.send(&ToDispatcher::Submit {
         commits: batch.to_vec(),
+        branch: Some(branch.to_owned()),
+        front: false,
+        rerun: false,
     })
     .await?;
     match conn

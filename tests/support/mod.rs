@@ -21,6 +21,7 @@ pub struct Bins {
     pub dispatcher: PathBuf,
     pub runner: PathBuf,
     pub observer: PathBuf,
+    pub tinyci: PathBuf,
 }
 
 impl Bins {
@@ -32,6 +33,7 @@ impl Bins {
             dispatcher: get(option_env!("CARGO_BIN_EXE_dispatcher")),
             runner: get(option_env!("CARGO_BIN_EXE_test_runner")),
             observer: get(option_env!("CARGO_BIN_EXE_repo_observer")),
+            tinyci: get(option_env!("CARGO_BIN_EXE_tinyci")),
         }
     }
 
@@ -47,8 +49,9 @@ impl Bins {
             dispatcher: dir.join("dispatcher"),
             runner: dir.join("test_runner"),
             observer: dir.join("repo_observer"),
+            tinyci: dir.join("tinyci"),
         };
-        for b in [&bins.dispatcher, &bins.runner, &bins.observer] {
+        for b in [&bins.dispatcher, &bins.runner, &bins.observer, &bins.tinyci] {
             if !b.exists() {
                 bail!(
                     "{} is missing: build the binaries first (cargo build --release)",
