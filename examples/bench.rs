@@ -1196,6 +1196,9 @@ fn capacity_run(bins: &Bins, counts: Counts, dir: &Path) -> Result<Capacity> {
             let sent = Instant::now();
             obs.send(&ToDispatcher::Submit {
                 commits: chunk.to_vec(),
+                branch: None,
+                front: false,
+                rerun: false,
             })
             .await?;
             match obs

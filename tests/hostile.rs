@@ -35,6 +35,9 @@ fn bins() -> Bins {
 enum FakeToDispatcher {
     Submit {
         commits: Vec<String>,
+        branch: Option<String>,
+        front: bool,
+        rerun: bool,
     },
     Register {
         addr: String,
@@ -362,10 +365,16 @@ fn look_alikes_match_the_real_encoding() -> Result<()> {
     let real = |m: &FakeToDispatcher| decode::<ToDispatcher>(&encode(m).unwrap());
     assert_eq!(
         real(&FakeToDispatcher::Submit {
-            commits: vec![GOOD_SHA.into()]
+            commits: vec![GOOD_SHA.into()],
+            branch: None,
+            front: false,
+            rerun: false,
         })?,
         ToDispatcher::Submit {
-            commits: vec![CommitId::parse(GOOD_SHA)?]
+            commits: vec![CommitId::parse(GOOD_SHA)?],
+            branch: None,
+            front: false,
+            rerun: false,
         }
     );
     let job = JobId::new();
@@ -834,6 +843,9 @@ fn bad_commit_ids_from_observers_and_runners_are_refused() -> Result<()> {
         let mut r = welcomed(&c.addr, Role::Observer, "")?;
         r.send_msg(&FakeToDispatcher::Submit {
             commits: vec![GOOD_SHA.into(), bad.clone()],
+            branch: None,
+            front: false,
+            rerun: false,
         })?;
         match r.recv::<FromDispatcher>()? {
             FromDispatcher::Error { reason } => {

@@ -360,6 +360,9 @@ fn a_commit_no_runner_can_check_out_is_given_up_listing_every_attempt() -> Resul
         let mut conn = tinyci::net::connect(&c.addr, Role::Observer, "").await?;
         conn.send(&ToDispatcher::Submit {
             commits: vec![CommitId::parse(&ghost)?],
+            branch: None,
+            front: false,
+            rerun: false,
         })
         .await?;
         match conn.recv_within(WAIT, "Submitted").await? {

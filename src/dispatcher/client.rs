@@ -28,7 +28,7 @@ pub const LOG_CHUNK: usize = 64 * 1024;
 const FOLLOW_RECHECK: Duration = Duration::from_secs(1);
 
 /// Serves one client until it closes, goes idle, or the dispatcher stops.
-pub async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(
+pub(super) async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &Ctx,
 ) -> Result<(), ProtoError> {
@@ -79,12 +79,14 @@ pub async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(
                 follow_log(conn, ctx, commit, offset, follow).await?;
                 continue;
             }
-            ToDispatcher::Run { ref prefix } if !valid_prefix(prefix) => FromDispatcher::NotFound {
-                what: format!(
-                    "{:?} is not a commit id or a prefix of one (4 to 64 lowercase hex digits)",
-                    prefix.chars().take(80).collect::<String>()
-                ),
-            },
+            ToDispatcher::Run { ref prefix } if !valid_prefix(prefix) => {
+                Some(FromDispatcher::NotFound {
+                    what: format!(
+                        "{:?} is not a commit id or a prefix of one (4 to 64 lowercase hex digits)",
+                        prefix.chars().take(80).collect::<String>()
+                    ),
+                })
+            }
             req @ (ToDispatcher::Status
             | ToDispatcher::Runs(_)
             | ToDispatcher::Run { .. }
@@ -109,7 +111,7 @@ pub async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// A branch name worth recording: short and printable.
-fn usable_branch(b: &str) -> bool {
+pub fn usable_branch(b: &str) -> bool {
     !b.is_empty() && b.len() <= 255 && !b.chars().any(char::is_control)
 }
 
@@ -161,8 +163,9 @@ async fn follow_log<S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(()); // stopping: the client reconnects and resumes
         };
         let file = tokio::fs::File::open(&path).await;
-        let Some(state) = state else {
-            if file.is_err() {
+        let state = match state {
+            Some(s) => s,
+            None if file.is_err() => {
                 conn.send(&FromDispatcher::NotFound {
                     what: format!("no run of {commit} is known"),
                 })
@@ -171,7 +174,7 @@ async fn follow_log<S: AsyncRead + AsyncWrite + Unpin>(
             }
             // A log without a run (left from an older results directory): its bytes, then
             // the end.
-            RunState::Error
+            None => RunState::Error,
         };
         if let Ok(mut f) = file {
             if f.seek(SeekFrom::Start(offset)).await.is_ok() {

@@ -5,6 +5,7 @@
 //! peer) that does the handshake and then speaks its role's messages; all decisions are
 //! made by the [`core`] thread, which the tasks feed with events.
 
+pub mod client;
 pub mod core;
 pub mod journal;
 pub mod recovery;
@@ -96,6 +97,8 @@ struct Ctx {
     shutdown: Shutdown,
     /// Whether we already warned that a peer presented a token we do not check.
     warned_unchecked_token: std::sync::atomic::AtomicBool,
+    /// Changes after every batch of the core: log followers wait on it.
+    log_changed: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Serves on `listener` until `shutdown` is cancelled (or storage fails).
@@ -120,10 +123,15 @@ pub async fn run(
     };
     let mut store = SqliteStore::open(&dir).map_err(db_err)?;
     let unfinished = recovery::recover(&dir, &mut store).map_err(db_err)?;
+    // Clients' questions are read on a connection of their own.
+    let history = store::sqlite::SqliteReader::open(&dir).map_err(db_err)?;
+    let (changed, log_changed) = tokio::sync::watch::channel(0u64);
     let grace = (config.heartbeat_timeout * 2).max(Duration::from_secs(6));
     let core = Core::new(
         dir.clone(),
         Box::new(store),
+        Box::new(history),
+        changed,
         config.max_attempts,
         unfinished,
         grace,
@@ -147,6 +155,7 @@ pub async fn run(
         config,
         shutdown: shutdown.clone(),
         warned_unchecked_token: std::sync::atomic::AtomicBool::new(false),
+        log_changed,
     });
     let addr = listener.local_addr().map_err(open_err)?;
     info!(addr = %addr, results = %dir.display(), "listening");
@@ -223,7 +232,10 @@ async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &Ctx) {
     crate::net::tune_stream(&stream);
     let mut conn = Connection::new(stream);
     let role = match conn
-        .accept_hello(&[Role::Observer, Role::Runner], ctx.config.token.as_deref())
+        .accept_hello(
+            &[Role::Observer, Role::Runner, Role::Client],
+            ctx.config.token.as_deref(),
+        )
         .await
     {
         Ok(greeting) => {
@@ -248,7 +260,8 @@ async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &Ctx) {
     }
     let res = match role {
         Role::Observer => serve_observer(&mut conn, ctx).await,
-        _ => serve_runner(&mut conn, peer, ctx).await,
+        Role::Client => client::serve_client(&mut conn, ctx).await,
+        Role::Runner => serve_runner(&mut conn, peer, ctx).await,
     };
     if let Err(e) = res {
         warn!(role = %role, error = %e, "connection closed on error");
@@ -275,7 +288,12 @@ async fn serve_observer(conn: &mut Connection<TcpStream>, ctx: &Ctx) -> Result<(
                 info!("observer disconnected");
                 return Ok(());
             }
-            Some(ToDispatcher::Submit { commits }) => {
+            Some(ToDispatcher::Submit {
+                commits,
+                branch,
+                front,
+                rerun,
+            }) => {
                 if commits.len() > MAX_SUBMIT {
                     return refuse(
                         conn,
@@ -284,7 +302,14 @@ async fn serve_observer(conn: &mut Connection<TcpStream>, ctx: &Ctx) -> Result<(
                     .await;
                 }
                 let (reply, answer) = oneshot::channel();
-                if feed(ctx, Event::Submit { commits, reply }).await.is_err() {
+                let ev = Event::Submit {
+                    commits,
+                    branch: branch.filter(|b| client::usable_branch(b)),
+                    front,
+                    rerun,
+                    reply,
+                };
+                if feed(ctx, ev).await.is_err() {
                     return Ok(()); // shutting down
                 }
                 let Ok(answer) = answer.await else {
@@ -460,7 +485,10 @@ async fn runner_loop(
 }
 
 /// Tells the peer why it is being disconnected, then reports the same as an error.
-async fn refuse(conn: &mut Connection<TcpStream>, reason: String) -> Result<(), ProtoError> {
+async fn refuse<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    reason: String,
+) -> Result<(), ProtoError> {
     let _ = conn
         .send(&FromDispatcher::Error {
             reason: reason.clone(),
@@ -480,5 +508,11 @@ fn name(msg: &ToDispatcher) -> &'static str {
         ToDispatcher::Resume => "Resume",
         ToDispatcher::GiveBack { .. } => "GiveBack",
         ToDispatcher::Goodbye { .. } => "Goodbye",
+        ToDispatcher::Status => "Status",
+        ToDispatcher::Runs(_) => "Runs",
+        ToDispatcher::Run { .. } => "Run",
+        ToDispatcher::FollowLog { .. } => "FollowLog",
+        ToDispatcher::Cancel { .. } => "Cancel",
+        ToDispatcher::Why { .. } => "Why",
     }
 }

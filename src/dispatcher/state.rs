@@ -27,7 +27,10 @@ use std::collections::{HashMap, VecDeque};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
-use tinyci_proto::{CommitId, JobId, RunReport, RunStatus, RunnerId, StepReport};
+use tinyci_proto::{
+    CommitId, JobId, QueuedView, RunReport, RunState, RunStatus, RunnerId, RunnerState,
+    RunnerView, StepReport,
+};
 
 /// Uncounted hand-backs are not free for ever: a commit handed out this many times the
 /// maximum number of attempts is given up even if most of its failures did not count.
@@ -107,6 +110,11 @@ pub struct Entry {
     pub runner_addr: Option<String>,
     /// The attempts that ended without a result, oldest first.
     pub failures: Vec<Failure>,
+    /// The branch it was submitted for, if the submitter said.
+    pub branch: Option<String>,
+    /// A client cancelled it while it ran: however the attempt ends, the commit is
+    /// finished as `cancelled`.
+    pub cancel_requested: bool,
 }
 
 impl Entry {
@@ -118,6 +126,8 @@ impl Entry {
             state: AttemptState::Queued,
             runner_addr: None,
             failures: Vec::new(),
+            branch: None,
+            cancel_requested: false,
         }
     }
 
@@ -141,6 +151,8 @@ struct Runner {
     job: Option<JobId>,
     /// Takes no new job (origin unreachable, draining).
     paused: bool,
+    /// Why it is paused, when it said.
+    pause_reason: Option<String>,
 }
 
 /// A commit handed to a runner.
@@ -321,6 +333,7 @@ impl Scheduler {
                 addr,
                 job: None,
                 paused,
+                pause_reason: None,
             },
         );
         if !paused {
@@ -465,6 +478,15 @@ impl Scheduler {
         }
         let handouts = entry.failures.len() as u32;
         let exhausted = counted && entry.attempts >= self.max_attempts;
+        if entry.cancel_requested {
+            let entry = self.active.remove(&commit)?;
+            let result = cancelled_result(commit, &entry, now);
+            return Some(Lost::GaveUp {
+                job,
+                failure,
+                result,
+            });
+        }
         if !exhausted && handouts < self.max_attempts.saturating_mul(HANDOUT_LIMIT_FACTOR) {
             self.queue.push_front(commit.clone());
             return Some(Lost::Requeued {
@@ -605,7 +627,255 @@ impl Scheduler {
     pub fn queued(&self) -> usize {
         self.queue.len()
     }
+
+    /// Queues a new commit for `branch`, at the front when `front`. Returns false (and
+    /// changes nothing) if the commit is already queued, running or finished.
+    pub fn submit_for(
+        &mut self,
+        commit: CommitId,
+        branch: Option<String>,
+        front: bool,
+        now: SystemTime,
+    ) -> bool {
+        if self.is_active(&commit) {
+            return false;
+        }
+        let mut entry = Entry::new(now);
+        entry.branch = branch;
+        self.active.insert(commit.clone(), entry);
+        if front {
+            self.queue.push_front(commit);
+        } else {
+            self.queue.push_back(commit);
+        }
+        true
+    }
+
+    /// Pauses a runner for `reason`, or (with `None`) lets it take jobs again.
+    pub fn pause(&mut self, id: RunnerId, reason: Option<String>) {
+        self.set_paused(id, reason.is_some());
+        if let Some(r) = self.runners.get_mut(&id) {
+            r.pause_reason = reason;
+        }
+    }
+
+    /// Cancels a queued or running commit; `None` when it is neither (finished or
+    /// unknown: the store knows which).
+    pub fn cancel(&mut self, commit: &CommitId, now: SystemTime) -> Option<Cancel> {
+        let entry = self.active.get_mut(commit)?;
+        match entry.state {
+            // On a runner: it is told to stop; the attempt's end finishes the commit.
+            AttemptState::Running { job, runner } => {
+                entry.cancel_requested = true;
+                Some(Cancel::Running { runner, job })
+            }
+            // Queued, or restored and waiting for its runner: finished here and now (a
+            // late result of the restored attempt is fenced off).
+            AttemptState::Queued | AttemptState::Orphaned { .. } => {
+                let orphan = match entry.state {
+                    AttemptState::Orphaned { job } => Some(job),
+                    _ => None,
+                };
+                if let Some(job) = orphan {
+                    self.jobs.remove(&job);
+                }
+                self.queue.retain(|c| c != commit);
+                let entry = self.active.remove(commit)?;
+                Some(Cancel::Queued {
+                    job: orphan,
+                    result: Box::new(cancelled_result(commit.clone(), &entry, now)),
+                })
+            }
+        }
+    }
+
+    /// Where `commit` is, if it is queued or running: `None` otherwise (finished or
+    /// unknown: the store knows).
+    pub fn state_of(&self, commit: &CommitId) -> Option<RunState> {
+        let e = self.active.get(commit)?;
+        Some(match e.state {
+            AttemptState::Queued => RunState::Queued,
+            AttemptState::Running { .. } | AttemptState::Orphaned { .. } => RunState::Running,
+        })
+    }
+
+    /// The queue, next first, each with why it waits.
+    pub fn queue_view(&self) -> Vec<QueuedView> {
+        self.queue
+            .iter()
+            .enumerate()
+            .filter_map(|(at, c)| {
+                let e = self.active.get(c)?;
+                Some(QueuedView {
+                    commit: c.clone(),
+                    branch: e.branch.clone(),
+                    queued_at_ms: ms(e.queued_at),
+                    attempts: e.attempts,
+                    waiting: self.waiting(at, e),
+                })
+            })
+            .collect()
+    }
+
+    /// The commits on a runner (or waiting for theirs to come back), oldest first.
+    pub fn running_view(&self) -> Vec<(CommitId, &Entry)> {
+        let mut v: Vec<(CommitId, &Entry)> = self
+            .active
+            .iter()
+            .filter(|(_, e)| e.state != AttemptState::Queued)
+            .map(|(c, e)| (c.clone(), e))
+            .collect();
+        v.sort_by_key(|(_, e)| e.queued_at);
+        v
+    }
+
+    /// Every registered runner and what it does.
+    pub fn runners_view(&self) -> Vec<RunnerView> {
+        let mut v: Vec<RunnerView> = self
+            .runners
+            .iter()
+            .map(|(id, r)| {
+                let busy = r
+                    .job
+                    .and_then(|j| self.jobs.get(&j).map(|c| (j, c.clone())));
+                let state = match (busy, r.paused) {
+                    (Some((job, commit)), _) => RunnerState::Busy { commit, job },
+                    (None, true) => RunnerState::Paused {
+                        reason: r
+                            .pause_reason
+                            .clone()
+                            .unwrap_or_else(|| "paused".to_owned()),
+                    },
+                    (None, false) => RunnerState::Idle,
+                };
+                RunnerView {
+                    id: *id,
+                    addr: r.addr.clone(),
+                    state,
+                }
+            })
+            .collect();
+        v.sort_by_key(|r| r.id.0);
+        v
+    }
+
+    /// Why `commit` is where it is, in words, if it is queued or running.
+    pub fn why(&self, commit: &CommitId) -> Option<(RunState, String)> {
+        let e = self.active.get(commit)?;
+        let on = e.runner_addr.as_deref().unwrap_or("?");
+        match e.state {
+            AttemptState::Running { job, .. } => {
+                let why = format!("attempt {} ({job}) is running on {on}", e.attempts);
+                return Some((RunState::Running, why));
+            }
+            AttemptState::Orphaned { job } => {
+                let why = format!(
+                    "attempt {} ({job}) was running on {on} when the dispatcher restarted; waiting for that runner to come back",
+                    e.attempts
+                );
+                return Some((RunState::Running, why));
+            }
+            AttemptState::Queued => {}
+        }
+        let at = self.queue.iter().position(|c| c == commit)?;
+        Some((RunState::Queued, self.waiting(at, e)))
+    }
+
+    /// Why the commit at place `at` in the queue waits.
+    fn waiting(&self, at: usize, e: &Entry) -> String {
+        let mut why = if self.runners.is_empty() {
+            "no runner is registered".to_owned()
+        } else if self.runners.values().all(|r| r.paused) {
+            let reasons: Vec<String> = self
+                .runners
+                .values()
+                .map(|r| {
+                    format!(
+                        "{}: {}",
+                        r.addr,
+                        r.pause_reason.as_deref().unwrap_or("paused")
+                    )
+                })
+                .collect();
+            format!("every runner is paused ({})", reasons.join("; "))
+        } else if !e.failures.is_empty()
+            && self.idle.iter().all(|id| {
+                self.runners
+                    .get(id)
+                    .is_some_and(|r| e.avoids(&r.addr))
+            })
+            && !self.idle.is_empty()
+        {
+            let failed: Vec<&str> = e
+                .failures
+                .iter()
+                .filter(|f| f.counted)
+                .map(|f| f.runner.as_str())
+                .collect();
+            format!(
+                "waiting for a runner it has not failed on (it failed on {})",
+                failed.join(", ")
+            )
+        } else {
+            let busy = self.runners.values().filter(|r| r.job.is_some()).count();
+            format!(
+                "all {busy} available runner(s) are busy; {at} commit(s) ahead of it"
+            )
+        };
+        if let Some(last) = e.failures.last() {
+            why.push_str(&format!(
+                " (attempt {} on {} ended without a result: {})",
+                last.attempt, last.runner, last.reason
+            ));
+        }
+        why
+    }
 }
+
+/// What [`Scheduler::cancel`] did.
+#[derive(Debug)]
+pub enum Cancel {
+    /// It was queued (or waiting for its runner to come back): finished now.
+    Queued {
+        /// The restored attempt that was waiting for its runner, if one was.
+        job: Option<JobId>,
+        /// Its result, `cancelled`.
+        result: Box<Finished>,
+    },
+    /// It is running: tell `runner` to stop `job`; its end finishes the commit.
+    Running {
+        /// Who runs it.
+        runner: RunnerId,
+        /// The attempt.
+        job: JobId,
+    },
+}
+
+fn ms(t: SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The result of a commit cancelled by a client.
+fn cancelled_result(commit: CommitId, entry: &Entry, now: SystemTime) -> Finished {
+    Finished {
+        commit,
+        status: RunStatus::Cancelled,
+        steps: Vec::new(),
+        runner: entry.runner_addr.clone(),
+        attempts: entry.attempts,
+        queued_at: entry.queued_at,
+        started_at: entry.started_at,
+        finished_at: now,
+        error: Some(if entry.attempts == 0 {
+            "cancelled before it ran".to_owned()
+        } else {
+            "cancelled".to_owned()
+        }),
+    }
+}
+
 
 /// The `error` of a commit given up: how many attempts, and every attempt's runner and
 /// reason.
@@ -969,5 +1239,80 @@ mod tests {
         assert!(!s.adopt(RunnerId(3), a.job));
         let r = s.finish(a.job, ok(), now()).unwrap();
         assert_eq!(r.attempts, 1);
+    }
+
+    #[test]
+    fn cancel_finishes_a_queued_commit_and_stops_a_running_one() {
+        let mut s = Scheduler::new(3);
+        s.submit(c(1), now());
+        s.submit(c(2), now());
+        s.add_runner(RunnerId(1), "a".into(), false);
+        let running = s.assign(now()).remove(0);
+        assert_eq!(running.commit, c(1));
+        // Queued: finished at once, out of the queue, never queued again.
+        match s.cancel(&c(2), now()) {
+            Some(Cancel::Queued { result, job: None }) => {
+                assert_eq!(result.status, RunStatus::Cancelled);
+                assert_eq!(result.error.as_deref(), Some("cancelled before it ran"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.queued(), 0);
+        assert!(s.cancel(&c(2), now()).is_none(), "finished: the store's to say");
+        assert!(s.cancel(&c(9), now()).is_none());
+        // Running: the runner is to be told; if it is then lost, the commit is finished
+        // as cancelled, not requeued.
+        match s.cancel(&c(1), now()) {
+            Some(Cancel::Running { runner, job }) => {
+                assert_eq!((runner, job), (RunnerId(1), running.job));
+            }
+            other => panic!("{other:?}"),
+        }
+        match s.remove_runner(RunnerId(1), false, "gone", now()) {
+            Lost::GaveUp { result, .. } => assert_eq!(result.status, RunStatus::Cancelled),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.queued(), 0);
+    }
+
+    #[test]
+    fn front_submissions_jump_the_queue() {
+        let mut s = Scheduler::new(3);
+        s.submit(c(1), now());
+        assert!(s.submit_for(c(2), Some("main".into()), true, now()));
+        s.add_runner(RunnerId(1), "a".into(), false);
+        let a = s.assign(now()).remove(0);
+        assert_eq!(a.commit, c(2));
+        assert_eq!(s.entry(&c(2)).unwrap().branch.as_deref(), Some("main"));
+        assert!(!s.submit_for(c(2), None, false, now()), "running is active");
+        s.finish(a.job, ok(), now()).unwrap();
+        assert!(s.submit_for(c(2), None, false, now()), "a re-run is the caller's call");
+    }
+
+    #[test]
+    fn why_and_the_queue_view_say_why_a_commit_waits() {
+        let mut s = Scheduler::new(3);
+        s.submit(c(1), now());
+        s.submit(c(2), now());
+        assert_eq!(s.why(&c(1)).unwrap().1, "no runner is registered");
+        s.add_runner(RunnerId(1), "a".into(), false);
+        s.pause(RunnerId(1), Some("origin unreachable".into()));
+        let (state, why) = s.why(&c(2)).unwrap();
+        assert_eq!(state, RunState::Queued);
+        assert!(why.contains("every runner is paused (a: origin unreachable)"), "{why}");
+        s.pause(RunnerId(1), None);
+        let job = s.assign(now()).remove(0).job;
+        let (state, why) = s.why(&c(1)).unwrap();
+        assert_eq!(state, RunState::Running);
+        assert!(why.contains("running on a"), "{why}");
+        let q = s.queue_view();
+        assert_eq!(q.len(), 1);
+        assert!(q[0].waiting.contains("busy; 0 commit(s) ahead"), "{}", q[0].waiting);
+        let runners = s.runners_view();
+        assert_eq!(
+            runners[0].state,
+            RunnerState::Busy { commit: c(1), job }
+        );
+        assert!(s.why(&c(9)).is_none());
     }
 }

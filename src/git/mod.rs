@@ -307,7 +307,7 @@ pub fn set_config(path: &Path, key: &str, value: &str) -> Result<(), GitError> {
     let repo = open(path)?;
     let mut cfg = repo
         .config()
-        .and_then(|mut c| c.open_level(git2::ConfigLevel::Local))
+        .and_then(|c| c.open_level(git2::ConfigLevel::Local))
         .map_err(err("opening the repository's configuration"))?;
     cfg.set_str(key, value)
         .map_err(err(format!("setting {key}")))

@@ -128,6 +128,8 @@ pub struct InfraFailure {
     pub reason: String,
     /// The origin could not be reached: the runner should pause until it can.
     pub origin_unreachable: bool,
+    /// The steps that ended before the job was stopped (the stopped one included).
+    pub steps: Vec<StepReport>,
 }
 
 /// Shared by the pipe readers of all steps: enforces the output cap and sends output on.
@@ -180,12 +182,16 @@ impl Output {
 
 /// Runs the job for `commit` in the runner's clone. Sends output and then exactly one
 /// `Finished` or `Infra` on `events`. Cancelling `cancel` kills the running step's group.
+///
+/// `cancelled_by_client` tells a cancel by a client (the run ends as `cancelled`, with the
+/// steps that ran) from the runner stopping (the job is handed back).
 pub async fn execute(
     workspace: Arc<tokio::sync::Mutex<Workspace>>,
     commit: CommitId,
     output_cap: u64,
     events: UnboundedSender<JobEvent>,
     cancel: CancellationToken,
+    cancelled_by_client: Arc<AtomicBool>,
 ) {
     let out = Arc::new(Output {
         events: events.clone(),
@@ -195,6 +201,14 @@ pub async fn execute(
     });
     let end = match run_job(workspace, &commit, &out, &cancel).await {
         Ok(report) => JobEvent::Finished(report),
+        Err(failure) if cancelled_by_client.load(Ordering::SeqCst) => {
+            out.note("cancelled by a client; the steps were stopped");
+            JobEvent::Finished(RunReport {
+                status: RunStatus::Cancelled,
+                steps: failure.steps,
+                error: Some("cancelled".into()),
+            })
+        }
         Err(failure) => {
             out.note(&format!("not run here: {}", failure.reason));
             JobEvent::Infra(failure)
@@ -217,9 +231,15 @@ pub const STOPPED: &str = "the runner was stopped";
 
 /// The failure of a job that was stopped before it ended.
 fn stopped() -> InfraFailure {
+    stopped_after(Vec::new())
+}
+
+/// The failure of a job stopped after `steps` ended.
+fn stopped_after(steps: Vec<StepReport>) -> InfraFailure {
     InfraFailure {
         reason: STOPPED.into(),
         origin_unreachable: false,
+        steps,
     }
 }
 
@@ -240,6 +260,7 @@ async fn prepare(
             InfraFailure {
                 reason: format!("checkout failed: {e}"),
                 origin_unreachable: e.origin_unreachable(),
+                steps: Vec::new(),
             }
         }
     })?;
@@ -262,10 +283,12 @@ async fn prepare(
     .map_err(|e| InfraFailure {
         reason: format!("reading the spec: {e}"),
         origin_unreachable: false,
+        steps: Vec::new(),
     })?
     .map_err(|e| InfraFailure {
         reason: format!("reading the spec: {e}"),
         origin_unreachable: false,
+        steps: Vec::new(),
     })?;
     Ok(match spec::from_tree(source.0, source.1) {
         Ok(spec) => Ok((spec, path)),
@@ -289,7 +312,7 @@ async fn run_job(
     let mut failed = false;
     for step in &spec.steps {
         if cancel.is_cancelled() {
-            return Err(stopped());
+            return Err(stopped_after(steps));
         }
         if failed {
             steps.push(StepReport {
@@ -302,7 +325,8 @@ async fn run_job(
         }
         let report = run_step(repo, commit, step, out, cancel).await;
         if cancel.is_cancelled() {
-            return Err(stopped());
+            steps.push(report);
+            return Err(stopped_after(steps));
         }
         failed = report.status != StepStatus::Success;
         steps.push(report);

@@ -136,6 +136,8 @@ struct ActiveJob {
     /// We cancelled the job because the runner stops: whatever its end, it is withdrawn.
     withdrawing: Option<Instant>,
     cancel: CancellationToken,
+    /// A client cancelled the run: it ends as `cancelled`.
+    cancelled_by_client: Arc<std::sync::atomic::AtomicBool>,
     task: JoinHandle<()>,
 }
 
@@ -149,6 +151,7 @@ impl ActiveJob {
     ) -> ActiveJob {
         let (tx, events) = unbounded_channel();
         let cancel = parent.child_token();
+        let cancelled_by_client = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let span = tracing::info_span!("job", commit = %commit.short());
         let task = tokio::spawn(
             job::execute(
@@ -157,6 +160,7 @@ impl ActiveJob {
                 config.output_cap,
                 tx,
                 cancel.clone(),
+                cancelled_by_client.clone(),
             )
             .instrument(span),
         );
@@ -170,6 +174,7 @@ impl ActiveJob {
             steps_started: false,
             withdrawing: None,
             cancel,
+            cancelled_by_client,
             task,
         }
     }
@@ -187,6 +192,7 @@ impl ActiveJob {
             JobEvent::Infra(InfraFailure {
                 reason,
                 origin_unreachable,
+                ..
             }) => {
                 let cause = if self.withdrawing.is_some() {
                     GiveBackCause::Withdrawn
@@ -641,6 +647,15 @@ impl Runner {
                     }
                 }
             }
+            FromDispatcher::Cancel { job: id } => match self.job.as_mut() {
+                Some(j) if j.id == id && j.end.is_none() && j.withdrawing.is_none() => {
+                    info!(commit = %j.commit, job = %id, "cancelled by a client; stopping the steps");
+                    j.cancelled_by_client
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                    j.cancel.cancel();
+                }
+                _ => info!(job = %id, "cancel of a job that is not running here; nothing to do"),
+            },
             FromDispatcher::ShuttingDown => {
                 // A restart: keep the job, and come back as soon as it listens again.
                 info!("the dispatcher is shutting down; reconnecting");
@@ -766,6 +781,7 @@ async fn job_event(job: &mut Option<ActiveJob>) -> JobEvent {
             None => JobEvent::Infra(InfraFailure {
                 reason: "the runner's job task crashed".into(),
                 origin_unreachable: false,
+                steps: Vec::new(),
             }),
         },
         _ => std::future::pending().await,

@@ -20,7 +20,14 @@ impl Core {
     pub(super) fn handle(&mut self, ev: Event, batch: &mut Batch) {
         let now = SystemTime::now();
         match ev {
-            Event::Submit { commits, reply } => self.submit(commits, reply, batch, now),
+            Event::Submit {
+                commits,
+                branch,
+                front,
+                rerun,
+                reply,
+            } => self.submit(commits, branch, front, rerun, reply, batch, now),
+            Event::Client { req, reply } => self.client(req, reply, batch, now),
             Event::RunnerJoined {
                 addr,
                 held,
@@ -63,9 +70,13 @@ impl Core {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn submit(
         &mut self,
         commits: Vec<CommitId>,
+        branch: Option<String>,
+        front: bool,
+        rerun: bool,
         reply: oneshot::Sender<FromDispatcher>,
         batch: &mut Batch,
         now: SystemTime,
@@ -77,13 +88,20 @@ impl Core {
             return;
         }
         let (mut queued, mut known) = (0u32, 0u32);
-        for commit in commits {
+        // To the front, the oldest must end up first: put them there newest first.
+        let order: Box<dyn Iterator<Item = CommitId>> = if front {
+            Box::new(commits.into_iter().rev())
+        } else {
+            Box::new(commits.into_iter())
+        };
+        for commit in order {
             // Queued or running: the scheduler knows. Finished: only the store does.
             let recorded = if self.sched.is_active(&commit) {
                 true
             } else {
                 match self.store.is_recorded(&commit) {
-                    Ok(r) => r,
+                    // A finished commit is queued again only when a re-run is asked for.
+                    Ok(r) => r && !rerun,
                     Err(e) => {
                         let reason = submissions_refused(&e);
                         warn!(commit = %commit, reason, "submission refused");
@@ -97,14 +115,14 @@ impl Core {
                 known += 1;
                 continue;
             }
-            self.sched.submit(commit.clone(), now);
+            self.sched
+                .submit_for(commit.clone(), branch.clone(), front, now);
             self.store.stage(Op::Queued {
                 commit: commit.clone(),
-                // The observer's Submit does not say which branch.
-                branch: None,
+                branch: branch.clone(),
                 at: now,
             });
-            info!(commit = %commit, "queued");
+            info!(commit = %commit, branch = branch.as_deref().unwrap_or(""), front, rerun, "queued");
             queued += 1;
         }
         batch
@@ -340,10 +358,14 @@ impl Core {
                 result,
             } => {
                 if let Some(mut sink) = self.logs.remove(&job) {
-                    sink.note(&format!(
-                        "giving up: {}",
-                        result.error.as_deref().unwrap_or("")
-                    ));
+                    if result.status == tinyci_proto::RunStatus::Cancelled {
+                        sink.note("cancelled");
+                    } else {
+                        sink.note(&format!(
+                            "giving up: {}",
+                            result.error.as_deref().unwrap_or("")
+                        ));
+                    }
                     self.retire_log(sink);
                 }
                 batch.results.push(ResultFile::render(&result));

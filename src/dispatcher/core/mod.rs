@@ -12,6 +12,7 @@
 //! [`result_writer`] writes result files off this thread; recovery at start is
 //! [`super::recovery`]'s.
 
+mod clients;
 mod events;
 pub mod log_sink;
 pub mod result_writer;
@@ -31,7 +32,7 @@ use self::log_sink::LogSink;
 use self::result_writer::ResultWriter;
 use super::recovery;
 use super::state::Scheduler;
-use super::store::{Op, Store, StoreError, Unfinished};
+use super::store::{History, Op, Store, StoreError, Unfinished};
 use crate::results::ResultFile;
 
 pub use self::log_sink::MAX_LOG_BYTES;
@@ -41,11 +42,26 @@ pub const MAX_BATCH: usize = 4096;
 
 /// Events from the connection tasks to the core.
 pub enum Event {
-    /// An observer submitted commits; the reply goes out once they are durable.
+    /// An observer or a client submitted commits; the reply goes out once they are
+    /// durable.
     Submit {
         /// Oldest first.
         commits: Vec<CommitId>,
+        /// The branch they were found on, if the sender said.
+        branch: Option<String>,
+        /// Put them at the front of the queue.
+        front: bool,
+        /// Run finished ones again.
+        rerun: bool,
         /// Where the `Submitted` (or `Error`) answer goes.
+        reply: oneshot::Sender<FromDispatcher>,
+    },
+    /// A client's question or command (status, runs, one run, cancel, why): answered from
+    /// the scheduler and the database.
+    Client {
+        /// The request, one of the client variants of [`ToDispatcher`].
+        req: tinyci_proto::ToDispatcher,
+        /// Where the answer goes.
         reply: oneshot::Sender<FromDispatcher>,
     },
     /// A runner registered.
@@ -195,6 +211,10 @@ pub struct Core {
     /// Logs of ended attempts that lost output and could not say so yet: the line that
     /// marks the gap is written as soon as writing works again.
     torn_logs: Vec<LogSink>,
+    /// The read side of the database, for clients' questions.
+    history: Box<dyn History + Send>,
+    /// Bumped after every batch: log followers wake up and read their files again.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Core {
@@ -204,6 +224,8 @@ impl Core {
     pub fn new(
         dir: PathBuf,
         store: Box<dyn Store + Send>,
+        history: Box<dyn History + Send>,
+        changed: tokio::sync::watch::Sender<u64>,
         max_attempts: u32,
         unfinished: Vec<Unfinished>,
         adoption_grace: Duration,
@@ -232,6 +254,8 @@ impl Core {
             trouble: None,
             unsynced: Batch::default(),
             torn_logs: Vec::new(),
+            history,
+            changed,
         })
     }
 
@@ -290,6 +314,8 @@ impl Core {
             let results = self.commit(batch);
             self.writer.write(results);
             self.mend_torn_logs();
+            // Logs grew, runs started or ended: followers look again.
+            self.changed.send_modify(|n| *n = n.wrapping_add(1));
             if stop {
                 if self.store.has_staged() {
                     tracing::error!("stopping with changes the database could not record: unacknowledged results will be reported again by their runners, or run again");
@@ -325,9 +351,11 @@ impl Core {
             let reason = submissions_refused(&e);
             for (reply, msg) in acks {
                 let answer = match msg {
-                    FromDispatcher::Submitted { .. } => FromDispatcher::Error {
-                        reason: reason.clone(),
-                    },
+                    FromDispatcher::Submitted { .. } | FromDispatcher::Cancelled { .. } => {
+                        FromDispatcher::Error {
+                            reason: reason.clone(),
+                        }
+                    }
                     refusal => refusal,
                 };
                 let _ = reply.send(answer);

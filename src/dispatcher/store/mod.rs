@@ -303,6 +303,8 @@ pub struct RunSummary {
     pub queued_at: SystemTime,
     /// When it finished.
     pub finished_at: Option<SystemTime>,
+    /// The steps that failed or timed out in the attempt that reported the result.
+    pub failed_steps: Vec<String>,
 }
 
 /// A page of runs and how many match in all.
@@ -354,4 +356,8 @@ pub trait History {
     fn run(&self, commit: &CommitId) -> Result<Option<RunDetail>, StoreError>;
     /// The commits waiting or running, in queue order.
     fn queue(&self) -> Result<Vec<RunSummary>, StoreError>;
+    /// Up to `max` commits whose id starts with `prefix` (lowercase hex), in id order.
+    fn by_prefix(&self, prefix: &str, max: u32) -> Result<Vec<CommitId>, StoreError>;
+    /// How many runs are in each state.
+    fn counts(&self) -> Result<Vec<(RunState, u64)>, StoreError>;
 }

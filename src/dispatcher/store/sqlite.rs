@@ -187,7 +187,11 @@ fn apply(tx: &Connection, op: &Op) -> Result<(), StoreError> {
         Op::Queued { commit, branch, at } => {
             tx.prepare_cached(
                 "INSERT INTO commits (sha, branch, queued_at, status) VALUES (?1, ?2, ?3, 'queued')
-                 ON CONFLICT (sha) DO NOTHING",
+                 ON CONFLICT (sha) DO UPDATE SET
+                     status = 'queued', result = NULL, error = NULL, finished_at = NULL,
+                     attempts = 0, file_synced = 1, queued_at = excluded.queued_at,
+                     branch = coalesce(excluded.branch, commits.branch)
+                 WHERE commits.status = 'finished'",
             )
             .and_then(|mut s| s.execute(params![commit.as_str(), branch, ms(*at)]))
             .map_err(db("recording a queued commit"))?;
@@ -678,7 +682,12 @@ impl SqliteReader {
     }
 }
 
-const SUMMARY_COLUMNS: &str = "sha, branch, status, result, attempts, queued_at, finished_at";
+/// The columns of a run's summary; the last one lists the steps that failed or timed
+/// out in the attempt that reported the result, one per line.
+const SUMMARY_COLUMNS: &str = "sha, branch, status, result, attempts, queued_at, finished_at,
+    (SELECT group_concat(s.name, char(10)) FROM steps s
+     WHERE s.status IN ('failure', 'timeout') AND s.attempt =
+         (SELECT max(a.id) FROM attempts a WHERE a.sha = commits.sha AND a.outcome = 'reported'))";
 
 fn summary_of(r: &Row<'_>) -> rusqlite::Result<SummaryRow> {
     Ok(SummaryRow {
@@ -689,6 +698,7 @@ fn summary_of(r: &Row<'_>) -> rusqlite::Result<SummaryRow> {
         attempts: r.get(4)?,
         queued_at: r.get(5)?,
         finished_at: r.get(6)?,
+        failed_steps: r.get(7)?,
     })
 }
 
@@ -701,6 +711,7 @@ struct SummaryRow {
     attempts: u32,
     queued_at: i64,
     finished_at: Option<i64>,
+    failed_steps: Option<String>,
 }
 
 impl SummaryRow {
@@ -723,6 +734,10 @@ impl SummaryRow {
             attempts: self.attempts,
             queued_at: time(self.queued_at),
             finished_at: self.finished_at.map(time),
+            failed_steps: self
+                .failed_steps
+                .map(|s| s.split('\n').map(str::to_owned).collect())
+                .unwrap_or_default(),
         })
     }
 }
@@ -772,7 +787,7 @@ impl History for SqliteReader {
                 "SELECT {SUMMARY_COLUMNS}, error FROM commits WHERE sha = ?1"
             ))
             .and_then(|mut s| {
-                s.query_row([commit.as_str()], |r| Ok((summary_of(r)?, r.get(7)?)))
+                s.query_row([commit.as_str()], |r| Ok((summary_of(r)?, r.get(8)?)))
                     .optional()
             })
             .map_err(db("reading a run"))?;
@@ -819,6 +834,50 @@ impl History for SqliteReader {
             error,
             attempts,
         }))
+    }
+
+    fn by_prefix(&self, prefix: &str, max: u32) -> Result<Vec<CommitId>, StoreError> {
+        // Callers pass lowercase hex only, so the pattern has no other GLOB characters;
+        // GLOB with a literal prefix walks the primary key's index.
+        let rows = self
+            .conn
+            .prepare_cached("SELECT sha FROM commits WHERE sha GLOB ?1 || '*' ORDER BY sha LIMIT ?2")
+            .and_then(|mut s| {
+                s.query_map(params![prefix, max], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(db("looking up a commit by prefix"))?;
+        rows.iter().map(|s| commit_id(s)).collect()
+    }
+
+    fn counts(&self) -> Result<Vec<(RunState, u64)>, StoreError> {
+        let rows = self
+            .conn
+            .prepare_cached(
+                "SELECT status, result, count(*) FROM commits GROUP BY status, result ORDER BY status, result",
+            )
+            .and_then(|mut s| {
+                s.query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, Option<String>>(1)?,
+                        r.get::<_, u64>(2)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(db("counting runs"))?;
+        let mut out = Vec::new();
+        for (status, result, n) in rows {
+            let state = match (status.as_str(), result.as_deref()) {
+                ("queued", _) => RunState::Queued,
+                ("running", _) => RunState::Running,
+                (_, Some(r)) => RunState::Done(run_status_of(r)?),
+                (s, None) => return Err(StoreError::Corrupt(format!("commit status {s:?} without a result"))),
+            };
+            out.push((state, n));
+        }
+        Ok(out)
     }
 
     fn queue(&self) -> Result<Vec<RunSummary>, StoreError> {
@@ -870,6 +929,7 @@ fn run_status(s: RunStatus) -> &'static str {
         RunStatus::Success => "success",
         RunStatus::Failure => "failure",
         RunStatus::Error => "error",
+        RunStatus::Cancelled => "cancelled",
     }
 }
 
@@ -878,6 +938,7 @@ fn run_status_of(s: &str) -> Result<RunStatus, StoreError> {
         "success" => RunStatus::Success,
         "failure" => RunStatus::Failure,
         "error" => RunStatus::Error,
+        "cancelled" => RunStatus::Cancelled,
         other => return Err(StoreError::Corrupt(format!("run result {other:?}"))),
     })
 }
