@@ -12,7 +12,8 @@
 //! Every write to the pusher goes through a watchdog: git does not tell a hook that the
 //! pusher has gone (Ctrl-C, a dropped ssh connection), and a hook blocked on a write would
 //! keep `git-receive-pack` waiting forever. A write that fails or does not finish within
-//! [`WRITE_TIMEOUT`] ends the hook quietly; the run goes on.
+//! [`WRITE_TIMEOUT`] ends the hook quietly, and so does the death of a process above it
+//! (the pusher's `git push`, or its ssh session); the run goes on.
 
 use std::io::{BufRead, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -285,11 +286,15 @@ impl Pusher {
             }
         });
         let limit = timeout.as_millis() as u64;
+        let family = ancestors();
         std::thread::spawn(move || loop {
             std::thread::sleep(Duration::from_millis(100));
             let since = busy_since.load(Ordering::SeqCst);
             let now = epoch.elapsed().as_millis() as u64 + 1;
             if since != 0 && now.saturating_sub(since) > limit {
+                std::process::exit(0);
+            }
+            if orphaned(&family) {
                 std::process::exit(0);
             }
         });
@@ -315,6 +320,40 @@ impl Pusher {
             let _ = wait.recv();
         }
     }
+}
+
+/// The parent of `pid`, from `/proc/<pid>/stat`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid …`; comm may itself hold parentheses.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// This process's ancestors as (pid, parent) pairs, nearest first, a few levels up: the
+/// hook's shell, `git-receive-pack`, and what runs it for the pusher (`git push` itself
+/// for a local push, the ssh session for a remote one).
+fn ancestors() -> Vec<(u32, u32)> {
+    let mut chain = Vec::new();
+    let mut pid = std::process::id();
+    for _ in 0..8 {
+        let Some(parent) = parent_of(pid) else { break };
+        chain.push((pid, parent));
+        if parent <= 1 {
+            break;
+        }
+        pid = parent;
+    }
+    chain
+}
+
+/// Whether a process above us died since `family` was taken (one of them was reparented
+/// or is gone): the pusher went away. `git-receive-pack` drains a hook's output even when
+/// nobody reads it any more, so this, not a failed write, is how a hook learns it.
+fn orphaned(family: &[(u32, u32)]) -> bool {
+    family
+        .iter()
+        .any(|(pid, parent)| parent_of(*pid) != Some(*parent))
 }
 
 /// What the pusher asked for with `git push -o …`.
@@ -566,6 +605,16 @@ mod tests {
             std::fs::read_to_string(hooks.join("post-receive")).unwrap(),
             "#!/bin/sh\necho other\n"
         );
+    }
+
+    #[test]
+    fn our_family_is_intact_until_an_ancestor_dies() {
+        let family = ancestors();
+        assert!(!family.is_empty());
+        assert_eq!(family[0].0, std::process::id());
+        assert!(!orphaned(&family));
+        // A pid that cannot exist stands for a process that died.
+        assert!(orphaned(&[(4_194_399, 1)]));
     }
 
     #[test]
