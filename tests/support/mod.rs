@@ -627,15 +627,86 @@ impl Cluster {
     }
 
     fn spawn_runner_with(&self, clone: &Path, setup: &CloneSetup) -> Result<(Proc, String)> {
-        let registered_before = self.dispatcher().count(&["runner registered"]);
         let p = self.spawn_runner_raw(clone, setup)?;
         let line = p.wait_for(&["listening", "addr="], WAIT)?;
         let addr = field(&line, "addr").ok_or_else(|| anyhow!("no addr in {line:?}"))?;
-        self.dispatcher()
-            .wait_for_nth(&["runner registered"], registered_before + 1, WAIT)?;
-        self.dispatcher()
-            .wait_for(&["runner registered", &format!("addr={addr}")], WAIT)?;
+        // Registered: the dispatcher lists it (the typed status, not its log).
+        self.wait_status(&format!("runner {addr} registered"), |s| {
+            s.runners.iter().any(|r| r.addr == addr)
+        })?;
         Ok((p, addr))
+    }
+
+    /// Asks the dispatcher (as a `tinyci` client would) and returns its answer.
+    pub fn ask<T>(
+        &self,
+        f: impl for<'a> FnOnce(
+            &'a mut tinyci::client::Client,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T, tinyci::client::ClientError>> + 'a>,
+        >,
+    ) -> Result<T> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let mut c = tinyci::client::Client::connect(&self.addr, self.opts.token.as_deref())
+                .await?;
+            f(&mut c).await
+        })
+        .map_err(anyhow::Error::from)
+    }
+
+    /// The dispatcher's status: queue, runners, counts.
+    pub fn status(&self) -> Result<tinyci::proto::DispatcherStatus> {
+        self.ask(|c| Box::pin(c.status()))
+    }
+
+    /// One run as the dispatcher knows it; `None` while it knows nothing of the commit.
+    pub fn run_detail(&self, sha: &str) -> Result<Option<tinyci::proto::RunDetail>> {
+        let sha = sha.to_owned();
+        match self.ask(move |c| Box::pin(async move { c.run(&sha).await })) {
+            Ok(d) => Ok(Some(d)),
+            Err(e) => match e.downcast_ref::<tinyci::client::ClientError>() {
+                Some(tinyci::client::ClientError::NotFound(_)) => Ok(None),
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// Polls the status until `ok` holds (or [`WAIT`] passes, an error naming `what`).
+    pub fn wait_status(
+        &self,
+        what: &str,
+        ok: impl Fn(&tinyci::proto::DispatcherStatus) -> bool,
+    ) -> Result<tinyci::proto::DispatcherStatus> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let last = self.status();
+            if let Ok(s) = &last {
+                if ok(s) {
+                    return last;
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("{what}: not within {WAIT:?}; last status: {last:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the dispatcher has `sha` recorded (queued, running or finished).
+    pub fn wait_known(&self, sha: &str) -> Result<tinyci::proto::RunDetail> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(d) = self.run_detail(sha)? {
+                return Ok(d);
+            }
+            if Instant::now() >= deadline {
+                bail!("{sha} never reached the dispatcher within {WAIT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn start_observer(&mut self) -> Result<()> {
@@ -731,12 +802,22 @@ impl Cluster {
         v
     }
 
-    /// Waits until the dispatcher assigns `sha`; returns the runner's index and address.
+    /// Waits until the dispatcher assigns `sha` (its run lists an attempt); returns the
+    /// runner's index and address.
     pub fn wait_assigned(&self, sha: &str) -> Result<(usize, String)> {
-        let line = self
-            .dispatcher()
-            .wait_for(&["assigned", &format!("commit={sha}")], WAIT)?;
-        let addr = field(&line, "addr").ok_or_else(|| anyhow!("no addr in {line:?}"))?;
+        let deadline = Instant::now() + WAIT;
+        let addr = loop {
+            if let Some(a) = self
+                .run_detail(sha)?
+                .and_then(|d| d.attempts.last().map(|a| a.runner.clone()))
+            {
+                break a;
+            }
+            if Instant::now() >= deadline {
+                bail!("{sha} was not assigned within {WAIT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         let i = self
             .runner_index(&addr)
             .ok_or_else(|| anyhow!("{addr} is not one of this cluster's runners"))?;
