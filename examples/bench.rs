@@ -6,13 +6,10 @@
 //! the counts so the whole run takes well under a minute; every key is still produced.
 //!
 //! The latency, recovery and footprint figures drive the real dispatcher, test_runner and
-//! repo_observer (through the test harness in `tests/support/`). The capacity figures drive
+//! repo_observer (through the test harness, the `testkit` crate). The capacity figures drive
 //! the real dispatcher with simulated runners and a simulated observer that speak the real
 //! protocol from inside this process. It is a benchmark, not a test: it asserts nothing
 //! about time; a missed target is reported, not fatal.
-
-#[path = "../tests/support/mod.rs"]
-mod support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
-use support::*;
+use testkit::*;
 use tinyci::proto::{
     CommitId, Connection, FromDispatcher, Role, RunReport, RunStatus, ToDispatcher,
 };

@@ -4,11 +4,8 @@
 //! Run with `cargo build --release && cargo run --release --example demo`
 //! (add `-- --keep` to keep the directory and look around afterwards).
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use anyhow::Result;
-use support::*;
+use testkit::*;
 
 fn main() -> Result<()> {
     let keep = std::env::args().any(|a| a == "--keep");

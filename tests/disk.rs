@@ -2,18 +2,16 @@
 //! the test fills up (blocks, then inodes) while work goes on. Mounting needs root; without
 //! it each test says that it did not run.
 
-mod support;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Result};
-use support::*;
+use testkit::*;
 
 fn bins() -> Bins {
-    Bins::for_tests()
+    testkit::bins!()
 }
 
 /// A tmpfs mounted for one test, unmounted (lazily: processes may still hold files) on drop.

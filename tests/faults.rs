@@ -1,16 +1,14 @@
 //! Fault injection into the real binaries: crashes and restarts of every role, poisoned
 //! commits, hung steps and runners, and a chaos run that checks the invariants at the end.
 
-mod support;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
-use support::*;
+use testkit::*;
 
 fn bins() -> Bins {
-    Bins::for_tests()
+    testkit::bins!()
 }
 
 /// How many lines of `log` contain every one of `needles`.

@@ -3,8 +3,6 @@
 //! and misbehaving step gets a clear log line, costs only its own connection or run, and
 //! never takes a process down or stops real work from going through.
 
-mod support;
-
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -14,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use support::*;
+use testkit::*;
 use tinyci::proto::{
     decode, encode, CommitId, Connection, FromDispatcher, HeldJob, HeldVerdict, Hello, HelloReply,
     JobId, Role, RunReport, RunStatus, RunnerId, ToDispatcher, HANDSHAKE_TIMEOUT, MAGIC,
@@ -22,7 +20,7 @@ use tinyci::proto::{
 };
 
 fn bins() -> Bins {
-    Bins::for_tests()
+    testkit::bins!()
 }
 
 // ---------------------------------------------------------------------------------------

@@ -3,8 +3,6 @@
 //! authentication off are refused, and permanent errors (bad address, refused hello, a
 //! peer that is not tinyci) end a process at once with a message that says what to fix.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -12,11 +10,11 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use support::*;
+use testkit::*;
 use tinyci::proto::{encode, HelloReply};
 
 fn bins() -> Bins {
-    Bins::for_tests()
+    testkit::bins!()
 }
 
 /// Runs `cmd` until it exits (killing it past `within`); returns its status and stderr.

@@ -3,16 +3,14 @@
 //! the dispatcher and of a runner, a black-holed connection, a second dispatcher on the
 //! same results directory.
 
-mod support;
-
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use support::*;
+use testkit::*;
 
 fn bins() -> Bins {
-    Bins::for_tests()
+    testkit::bins!()
 }
 
 #[test]

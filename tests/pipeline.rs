@@ -1,15 +1,13 @@
 //! End-to-end tests of the core pipeline: the real dispatcher, runners and observer against
 //! temporary git repositories, one failure mode per test.
 
-mod support;
-
 use std::time::Duration;
 
 use anyhow::Result;
-use support::*;
+use testkit::*;
 
 fn bins() -> Bins {
-    Bins::for_tests()
+    testkit::bins!()
 }
 
 /// A spec whose only step sleeps (to keep a runner busy), then passes.

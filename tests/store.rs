@@ -2,17 +2,15 @@
 //! journal-era dispatcher is imported on first start, and the database answers the
 //! README's `sqlite3` queries while the dispatcher runs.
 
-mod support;
-
 use anyhow::{ensure, Context, Result};
 use rusqlite::{Connection, OpenFlags};
-use support::*;
+use testkit::*;
 use tinyci::dispatcher::journal::Record;
 use tinyci::proto::{CommitId, JobId, RunStatus, StepReport, StepStatus};
 use tinyci::results::{self, ResultFile};
 
 fn bins() -> Bins {
-    Bins::for_tests()
+    testkit::bins!()
 }
 
 /// The README's first example query: the last failures, newest first.

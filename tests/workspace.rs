@@ -7,8 +7,6 @@
 //! Most checks run inside a step (`ci/git_check.sh`, committed with the test's commits), so
 //! they see exactly what a user's step would see.
 
-mod support;
-
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -16,11 +14,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context, Result};
 use serde_json::Value;
-use support::origins::{FakeSsh, GitDaemon, HangingServer, HttpServer};
-use support::*;
+use testkit::origins::{FakeSsh, GitDaemon, HangingServer, HttpServer};
+use testkit::*;
 
 fn bins() -> Bins {
-    Bins::for_tests()
+    testkit::bins!()
 }
 
 /// Run inside a step: fails (exit 1, with a line saying why) unless git works in the

@@ -208,8 +208,8 @@ fn install(
         Some(b) => b,
         None => crate::git::head_branch(master).map_err(|e| e.to_string())?,
     };
-    let exe = std::env::current_exe()
-        .map_err(|e| format!("cannot find the tinyci executable: {e}"))?;
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find the tinyci executable: {e}"))?;
     let hooks = hooks_dir(master, &git_dir);
     std::fs::create_dir_all(&hooks).map_err(|e| format!("creating {}: {e}", hooks.display()))?;
     let mut said = Vec::new();
@@ -402,7 +402,7 @@ fn updates(input: impl BufRead, branch: &str) -> Vec<(String, CommitId)> {
 async fn post_receive(branch: &str, max_wait: Duration, target: &Target) {
     let pusher = Pusher::start(WRITE_TIMEOUT);
     let style = Style {
-        color: std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        color: std::env::var_os("NO_COLOR").map_or(true, |v| v.is_empty()),
     };
     let pushed = updates(std::io::stdin().lock(), branch);
     if pushed.is_empty() {
@@ -419,7 +419,9 @@ async fn post_receive(branch: &str, max_wait: Duration, target: &Target) {
         match crate::git::pushed_commits(old, new, 1000) {
             Ok(cs) => commits.extend(cs),
             Err(e) => {
-                pusher.say(format!("tinyci: cannot list the pushed commits ({e}); submitting the tip only"));
+                pusher.say(format!(
+                    "tinyci: cannot list the pushed commits ({e}); submitting the tip only"
+                ));
                 commits.push(new.clone());
             }
         }
@@ -452,7 +454,9 @@ async fn post_receive(branch: &str, max_wait: Duration, target: &Target) {
     }
     if opts.no_wait {
         for t in &tips {
-            pusher.say(format!("tinyci: not waiting; follow it with: tinyci logs -f {t}"));
+            pusher.say(format!(
+                "tinyci: not waiting; follow it with: tinyci logs -f {t}"
+            ));
         }
         pusher.flush();
         return;
@@ -496,7 +500,7 @@ async fn stream_run(
                 while let Some(nl) = partial.iter().position(|b| *b == b'\n') {
                     let line: Vec<u8> = partial.drain(..=nl).collect();
                     if let Some(name) = step_of(&line) {
-                        if step.as_ref().is_none_or(|(s, _)| *s != name) {
+                        if step.as_ref().map_or(true, |(s, _)| *s != name) {
                             step = Some((name, Instant::now()));
                         }
                     }
@@ -539,11 +543,9 @@ async fn stream_run(
             ));
             pusher.raw(render_detail(&d, style).as_bytes());
         }
-        Err(ClientError::NotFound(_)) | Err(_) => pusher.say(format!(
-            "tinyci: {} {}",
-            tip.short(),
-            style.state(state)
-        )),
+        Err(ClientError::NotFound(_)) | Err(_) => {
+            pusher.say(format!("tinyci: {} {}", tip.short(), style.state(state)))
+        }
     }
     if state != RunState::Success {
         pusher.say(format!("tinyci: the full log: tinyci logs {tip}"));

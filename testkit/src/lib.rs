@@ -1,7 +1,7 @@
-//! Test harness shared by the integration tests, the demo and the benchmark (included with
-//! `#[path]`): real binaries in child processes that are killed on drop, fresh master
-//! repositories made from `test_repo_fixture/`, and waits that poll with a deadline.
-#![allow(dead_code)]
+//! Test harness shared by the integration tests, the demo and the benchmark: real
+//! binaries in child processes that are killed on drop, fresh master repositories made
+//! from `test_repo_fixture/`, and waits on the dispatcher's typed answers (or, for what
+//! only a log says, on log lines) with a deadline.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -15,7 +15,21 @@ use serde_json::Value;
 
 pub mod origins;
 
-/// Where the three binaries are.
+/// The binaries cargo built for the integration test that expands this (their paths are
+/// only known there).
+#[macro_export]
+macro_rules! bins {
+    () => {
+        $crate::Bins {
+            dispatcher: env!("CARGO_BIN_EXE_dispatcher").into(),
+            runner: env!("CARGO_BIN_EXE_test_runner").into(),
+            observer: env!("CARGO_BIN_EXE_repo_observer").into(),
+            tinyci: env!("CARGO_BIN_EXE_tinyci").into(),
+        }
+    };
+}
+
+/// Where the binaries are.
 #[derive(Debug, Clone)]
 pub struct Bins {
     pub dispatcher: PathBuf,
@@ -25,18 +39,6 @@ pub struct Bins {
 }
 
 impl Bins {
-    /// The binaries cargo built for this integration test.
-    pub fn for_tests() -> Bins {
-        // option_env!: this file is also compiled into examples, where these are unset.
-        let get = |v: Option<&str>| PathBuf::from(v.expect("only set in integration tests"));
-        Bins {
-            dispatcher: get(option_env!("CARGO_BIN_EXE_dispatcher")),
-            runner: get(option_env!("CARGO_BIN_EXE_test_runner")),
-            observer: get(option_env!("CARGO_BIN_EXE_repo_observer")),
-            tinyci: get(option_env!("CARGO_BIN_EXE_tinyci")),
-        }
-    }
-
     /// The binaries next to the running executable's directory (for examples, which live in
     /// `target/<profile>/examples/`).
     pub fn beside_current_exe() -> Result<Bins> {
@@ -65,7 +67,9 @@ impl Bins {
 
 /// The repository's `test_repo_fixture/`.
 pub fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("test_repo_fixture")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("test_repo_fixture")
 }
 
 /// A child process whose stderr is collected line by line; killed (SIGKILL) on drop.
@@ -73,7 +77,6 @@ pub struct Proc {
     pub name: String,
     child: Child,
     lines: Arc<(Mutex<Vec<String>>, Condvar)>,
-    echo: bool,
     eof: Arc<AtomicBool>,
 }
 
@@ -111,7 +114,6 @@ impl Proc {
             name: name.to_owned(),
             child,
             lines,
-            echo,
             eof,
         })
     }
@@ -650,8 +652,8 @@ impl Cluster {
             .enable_all()
             .build()?;
         rt.block_on(async {
-            let mut c = tinyci::client::Client::connect(&self.addr, self.opts.token.as_deref())
-                .await?;
+            let mut c =
+                tinyci::client::Client::connect(&self.addr, self.opts.token.as_deref()).await?;
             f(&mut c).await
         })
         .map_err(anyhow::Error::from)
