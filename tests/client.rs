@@ -194,6 +194,91 @@ fn commands_answer_with_tables_json_and_documented_exit_codes() -> Result<()> {
 }
 
 #[test]
+fn front_submissions_jump_the_queue_reruns_run_again_and_a_wrong_token_is_refused() -> Result<()> {
+    let c = Cluster::start(
+        bins(),
+        Opts {
+            observer: false,
+            token: Some("s3cret".into()),
+            ..Opts::default()
+        },
+    )?;
+    let with_token = |args: &[&str]| -> Result<Output> {
+        Command::new(&c.bins.tinyci)
+            .args(["--dispatcher-server", &c.addr])
+            .args(args)
+            .current_dir(&c.master.dir)
+            .env("TINYCI_TOKEN", "s3cret")
+            .output()
+            .context("running tinyci")
+    };
+    // Without the token, or with the wrong one: refused for good (78), saying why.
+    let o = tinyci(&c, &["status"])?;
+    assert_eq!(code(&o), 78, "{}", text(&o));
+    assert!(text(&o).contains("token"), "{}", text(&o));
+    let o = Command::new(&c.bins.tinyci)
+        .args(["--dispatcher-server", &c.addr, "status"])
+        .env("TINYCI_TOKEN", "wrong")
+        .output()?;
+    assert_eq!(code(&o), 78, "{}", text(&o));
+
+    // Keep the runner busy, queue two, then one at the front.
+    let hold = c.tmp.path().join("hold");
+    std::fs::write(&hold, "")?;
+    let busy = c.commit(
+        "busy",
+        &[(
+            ".tinyci.toml",
+            &spec(&[(
+                "wait",
+                &format!("while [ -e {} ]; do sleep 0.05; done", hold.display()),
+                "1m",
+            )]),
+        )],
+    )?;
+    assert!(with_token(&["submit", &busy])?.status.success());
+    let quick = spec(&[("quick", "true", "1m")]);
+    let a = c.commit("a", &[(".tinyci.toml", &quick), ("a", "1")])?;
+    let b = c.commit("b", &[("b", "1")])?;
+    let first = c.commit("first", &[("f", "1")])?;
+    assert!(with_token(&["submit", &a, &b])?.status.success());
+    assert!(with_token(&["submit", "--front", &first])?.status.success());
+    let o = with_token(&["--json", "status"])?;
+    let v = json(&o)?;
+    let order: Vec<&str> = v["queue"]
+        .as_array()
+        .context("queue")?
+        .iter()
+        .filter_map(|q| q["id"].as_str())
+        .collect();
+    assert_eq!(order, [first.as_str(), a.as_str(), b.as_str()], "{v}");
+    std::fs::remove_file(&hold)?;
+    for sha in [&busy, &first, &a, &b] {
+        assert_eq!(code(&with_token(&["wait", sha])?), 0);
+    }
+
+    // A finished commit is known; --rerun runs it again, and its log goes on.
+    let o = with_token(&["submit", &a])?;
+    assert!(text(&o).contains("queued 0 of 1"), "{}", text(&o));
+    let o = with_token(&["submit", "--rerun", &a])?;
+    assert!(text(&o).contains("queued 1 of 1"), "{}", text(&o));
+    assert_eq!(code(&with_token(&["wait", &a])?), 0);
+    let v = json(&with_token(&["--json", "show", &a])?)?;
+    assert_eq!(
+        v["attempt_history"].as_array().map(Vec::len),
+        Some(2),
+        "{v}"
+    );
+    let log = c.log_text(&a);
+    assert_eq!(
+        log.matches("[tinyci] attempt 1 on runner").count(),
+        2,
+        "{log}"
+    );
+    Ok(())
+}
+
+#[test]
 fn a_followed_log_survives_a_dispatcher_restart_without_a_line_twice() -> Result<()> {
     let mut c = Cluster::start(bins(), no_observer())?;
     wait_status(&c, |v| {
