@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tinyci_proto::{Connection, FromDispatcher, ProtoError, Role, ToDispatcher, HANDSHAKE_TIMEOUT};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -25,6 +25,7 @@ use tracing::{info, warn, Instrument};
 use self::core::{Core, Event, StorageError};
 use self::journal::Journal;
 use crate::lock::DirLock;
+use crate::net::Transport;
 use crate::results;
 use crate::shutdown::Shutdown;
 
@@ -114,7 +115,7 @@ pub async fn run(
         pending,
         grace,
     )?;
-    let (events, rx) = mpsc::sync_channel(EVENT_QUEUE);
+    let (events, rx) = event_queue();
     let core_shutdown = shutdown.clone();
     let core_thread = std::thread::Builder::new()
         .name("dispatcher-core".into())
@@ -160,6 +161,7 @@ pub async fn run(
         };
         let ctx = ctx.clone();
         let span = tracing::info_span!("conn", peer = %peer);
+        crate::net::tune_stream(&stream);
         tracker.spawn(
             async move {
                 serve(stream, peer, &ctx).await;
@@ -191,6 +193,11 @@ pub async fn run(
     }
 }
 
+/// The queue from the connections to the core, bounded by [`EVENT_QUEUE`].
+fn event_queue() -> (mpsc::SyncSender<Event>, mpsc::Receiver<Event>) {
+    mpsc::sync_channel(EVENT_QUEUE)
+}
+
 /// Hands `ev` to the core, waiting while its queue is full; `Err` once the core is gone.
 async fn feed(ctx: &Ctx, mut ev: Event) -> Result<(), ()> {
     loop {
@@ -205,8 +212,9 @@ async fn feed(ctx: &Ctx, mut ev: Event) -> Result<(), ()> {
     }
 }
 
-async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &Ctx) {
-    crate::net::tune_stream(&stream);
+/// Serves one connection (of any [`Transport`]: a tuned TCP stream, or a pipe in tests)
+/// from its hello to its end.
+async fn serve(stream: impl Transport, peer: SocketAddr, ctx: &Ctx) {
     let mut conn = Connection::new(stream);
     let role = match conn
         .accept_hello(&[Role::Observer, Role::Runner], ctx.config.token.as_deref())
@@ -249,7 +257,10 @@ async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &Ctx) {
     }
 }
 
-async fn serve_observer(conn: &mut Connection<TcpStream>, ctx: &Ctx) -> Result<(), ProtoError> {
+async fn serve_observer(
+    conn: &mut Connection<impl Transport>,
+    ctx: &Ctx,
+) -> Result<(), ProtoError> {
     info!("observer connected");
     loop {
         let msg = tokio::select! {
@@ -290,7 +301,7 @@ async fn serve_observer(conn: &mut Connection<TcpStream>, ctx: &Ctx) -> Result<(
 }
 
 async fn serve_runner(
-    conn: &mut Connection<TcpStream>,
+    conn: &mut Connection<impl Transport>,
     peer: SocketAddr,
     ctx: &Ctx,
 ) -> Result<(), ProtoError> {
@@ -308,17 +319,14 @@ async fn serve_runner(
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let (reply, answer) = oneshot::channel();
-    if ctx
-        .events
-        .send(Event::RunnerJoined {
-            addr: addr.clone(),
-            held,
-            paused: paused.map(|r| truncate(r, MAX_REASON)),
-            tx,
-            reply,
-        })
-        .is_err()
-    {
+    let joined = Event::RunnerJoined {
+        addr: addr.clone(),
+        held,
+        paused: paused.map(|r| truncate(r, MAX_REASON)),
+        tx,
+        reply,
+    };
+    if feed(ctx, joined).await.is_err() {
         return Ok(());
     }
     let Ok((id, verdict)) = answer.await else {
@@ -383,7 +391,7 @@ fn truncate(mut s: String, max: usize) -> String {
 
 /// Relays between one runner and the core until the runner goes away; returns why.
 async fn runner_loop(
-    conn: &mut Connection<TcpStream>,
+    conn: &mut Connection<impl Transport>,
     ctx: &Ctx,
     id: tinyci_proto::RunnerId,
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<FromDispatcher>,
@@ -446,7 +454,7 @@ async fn runner_loop(
 }
 
 /// Tells the peer why it is being disconnected, then reports the same as an error.
-async fn refuse(conn: &mut Connection<TcpStream>, reason: String) -> Result<(), ProtoError> {
+async fn refuse(conn: &mut Connection<impl Transport>, reason: String) -> Result<(), ProtoError> {
     let _ = conn
         .send(&FromDispatcher::Error {
             reason: reason.clone(),
@@ -468,3 +476,6 @@ fn name(msg: &ToDispatcher) -> &'static str {
         ToDispatcher::Goodbye { .. } => "Goodbye",
     }
 }
+
+#[cfg(test)]
+mod conn_tests;
