@@ -175,22 +175,27 @@ impl Workspace {
         &self.clone.origin
     }
 
+    /// git for what may reach origin.
     fn git<'a>(&'a self, cancel: &'a CancellationToken, limits: FetchLimits) -> Git<'a> {
         Git {
             dir: &self.clone.path,
             limits,
             cancel,
+            local: false,
         }
     }
 
+    /// git for what only touches the clone (see [`Git::local`]).
     fn local<'a>(&'a self, cancel: &'a CancellationToken) -> Git<'a> {
-        self.git(
-            cancel,
-            FetchLimits {
+        Git {
+            dir: &self.clone.path,
+            limits: FetchLimits {
                 connect_timeout: LOCAL_LIMIT,
                 stall_timeout: LOCAL_LIMIT,
             },
-        )
+            cancel,
+            local: true,
+        }
     }
 
     /// Whether the origin answers (`git ls-remote`, bounded by the fetch limits).
@@ -964,6 +969,7 @@ async fn secure_objects(top: PathBuf, origin: PathBuf, commit: CommitId, stop: C
             stall_timeout: LOCAL_LIMIT,
         },
         cancel: &stop,
+        local: true,
     };
     let list = |input: String| {
         let git = &git;
