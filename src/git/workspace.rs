@@ -262,6 +262,9 @@ impl Workspace {
         // seen change may hold files the checkout will not remove: list them all.
         let index_now = stamp(&self.clone.git_dir.join("index"));
         let full = index_now.is_none() || index_now != self.index_stamp;
+        // The walk below cleans against this commit, not against the index: until a
+        // checkout of it succeeds, the next job lists every directory.
+        self.index_stamp = None;
         let started = Instant::now();
         let cleaned = self.tidy(commit, full, &mut done).await?;
         done.phases.push(("sweep", started.elapsed()));
