@@ -635,6 +635,7 @@ fn checkout(
         let runner = tmp.path().join("runner");
         let mut ws = tinyci::git::Workspace::open(&runner, Default::default())?;
         let mut ms = Vec::new();
+        let mut phases: Vec<(&str, Vec<f64>)> = Vec::new();
         for i in 0..counts.checkout_commits + 2 {
             let body = format!("changed by commit {i}\n");
             let (sha, _) = commit_files(
@@ -648,9 +649,15 @@ fn checkout(
             std::fs::create_dir_all(runner.join("__pycache__"))?;
             std::fs::write(runner.join("__pycache__/m.pyc"), "x")?;
             let t = Instant::now();
-            rt.block_on(ws.prepare(&sha, &cancel))?;
+            let done = rt.block_on(ws.prepare(&sha, &cancel))?;
             if i >= 2 {
                 ms.push(t.elapsed().as_secs_f64() * 1e3);
+                for (phase, took) in done.phases {
+                    match phases.iter_mut().find(|(p, _)| *p == phase) {
+                        Some((_, v)) => v.push(took.as_secs_f64() * 1e3),
+                        None => phases.push((phase, vec![took.as_secs_f64() * 1e3])),
+                    }
+                }
             }
         }
         let target = if files > 0 { 40.0 } else { 15.0 };
@@ -661,6 +668,14 @@ fn checkout(
         report.ms(p50, pct(&ms, 50.0), Some(Target::AtMost(target)));
         report.ms(p99, pct(&ms, 99.0), None);
         report.note(format!("checkout {label} ms: {}", summary(&ms)));
+        let by_phase: Vec<String> = phases
+            .iter()
+            .map(|(p, v)| format!("{p} {:.2}", pct(v, 50.0)))
+            .collect();
+        report.note(format!(
+            "checkout {label} phases, p50 ms: {}",
+            by_phase.join(", ")
+        ));
         drop(ws);
         scratch.push(tmp);
     }
