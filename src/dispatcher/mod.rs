@@ -114,20 +114,21 @@ pub async fn run(
     // the result files under the first one's feet. Held until `run` returns (the kernel
     // drops it if the process dies).
     let _owner = DirLock::acquire(&dir.join(results::STATE_DIR), "dispatcher")?;
-    let db_err = |source| DispatcherError::Database {
-        dir: dir.display().to_string(),
-        source,
-    };
-    let mut store = SqliteStore::open(&dir).map_err(db_err)?;
-    let unfinished = recovery::recover(&dir, &mut store).map_err(db_err)?;
+    // Opening the database and recovering block: off the async workers.
     let grace = (config.heartbeat_timeout * 2).max(Duration::from_secs(6));
-    let core = Core::new(
-        dir.clone(),
-        Box::new(store),
-        config.max_attempts,
-        unfinished,
-        grace,
-    )?;
+    let (core_dir, max_attempts) = (dir.clone(), config.max_attempts);
+    let core = tokio::task::spawn_blocking(move || {
+        let db_err = |source| DispatcherError::Database {
+            dir: core_dir.display().to_string(),
+            source,
+        };
+        let mut store = SqliteStore::open(&core_dir).map_err(db_err)?;
+        let unfinished = recovery::recover(&core_dir, &mut store).map_err(db_err)?;
+        Core::new(core_dir, Box::new(store), max_attempts, unfinished, grace)
+            .map_err(DispatcherError::from)
+    })
+    .await
+    .map_err(|_| DispatcherError::CoreDied)??;
     let (events, rx) = mpsc::sync_channel(EVENT_QUEUE);
     let core_shutdown = shutdown.clone();
     let core_thread = std::thread::Builder::new()
