@@ -143,7 +143,7 @@ fn a_journal_era_results_directory_is_imported_on_first_start() -> Result<()> {
         .prepare(LAST_FAILURES)?
         .query_map([], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
-    assert_eq!(failures, [old.clone()]);
+    assert_eq!(failures, [old.as_str()]);
 
     // A restart imports nothing again and finds the history by query.
     c.restart_dispatcher()?;
