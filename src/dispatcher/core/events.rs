@@ -285,10 +285,13 @@ impl Core {
         if self.sched.adopt(id, held.job) {
             let log_offset = self.logs.get(&held.job).map_or(0, |s| s.written);
             info!(runner = %id, addr, commit = %held.commit, job = %held.job, log_offset, "runner re-registered with its job; adopted");
-            self.store.stage(Op::Adopted {
-                job: held.job,
-                runner: addr.to_owned(),
-            });
+            if let Some(commit) = self.sched.outstanding(&held.job).cloned() {
+                self.store.stage(Op::Adopted {
+                    commit,
+                    job: held.job,
+                    runner: addr.to_owned(),
+                });
+            }
             HeldVerdict::Adopt { log_offset }
         } else {
             if held.finished {
