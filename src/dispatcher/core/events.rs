@@ -104,7 +104,7 @@ impl Core {
                 branch: None,
                 at: now,
             });
-            info!(commit = %commit, "queued");
+            batch.queued.push(commit);
             queued += 1;
         }
         batch
