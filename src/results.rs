@@ -1,6 +1,10 @@
 //! The files under the results directory: `<sha>.json` (written once, atomically, when a
 //! run ends) and `<sha>.log` (appended as output arrives). Internal state lives in
 //! [`STATE_DIR`], a dot-directory that is never mistaken for a result.
+//!
+//! This is the only module that knows the result file's format: the dispatcher hands it
+//! a [`Finished`] run (from its scheduler, or read back from its database) and
+//! [`ResultFile::render`] makes the file's content.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -10,7 +14,9 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use tinyci_proto::{CommitId, RunStatus, StepReport};
 
-/// The dot-directory under the results directory that holds the dispatcher's journal.
+use crate::dispatcher::state::Finished;
+
+/// The dot-directory under the results directory that holds the dispatcher's database.
 pub const STATE_DIR: &str = ".tinyci";
 
 /// The content of `<sha>.json`.
@@ -36,6 +42,54 @@ pub struct ResultFile {
     pub error: Option<String>,
 }
 
+impl ResultFile {
+    /// The file's content for a finished run.
+    pub fn render(run: &Finished) -> ResultFile {
+        ResultFile {
+            commit: run.commit.clone(),
+            status: run.status,
+            steps: run.steps.clone(),
+            runner: run.runner.clone(),
+            attempts: run.attempts,
+            queued_at: rfc3339(run.queued_at),
+            started_at: run.started_at.map(rfc3339),
+            finished_at: rfc3339(run.finished_at),
+            error: run.error.clone(),
+        }
+    }
+
+    /// The run a result file describes (for importing files written before the database
+    /// existed). Fails if a time in it is not RFC 3339.
+    pub fn to_run(&self) -> io::Result<Finished> {
+        let parse = |what: &str, s: &str| {
+            humantime::parse_rfc3339(s).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{what} {s:?} of {} is not an RFC 3339 time: {e}",
+                        self.commit
+                    ),
+                )
+            })
+        };
+        Ok(Finished {
+            commit: self.commit.clone(),
+            status: self.status,
+            steps: self.steps.clone(),
+            runner: self.runner.clone(),
+            attempts: self.attempts,
+            queued_at: parse("queued_at", &self.queued_at)?,
+            started_at: self
+                .started_at
+                .as_deref()
+                .map(|s| parse("started_at", s))
+                .transpose()?,
+            finished_at: parse("finished_at", &self.finished_at)?,
+            error: self.error.clone(),
+        })
+    }
+}
+
 /// Formats a time as RFC 3339 UTC with milliseconds.
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
@@ -54,10 +108,11 @@ pub fn log_path(dir: &Path, commit: &CommitId) -> PathBuf {
 /// Writes a batch of `<sha>.json` files atomically: each goes to a temp file in
 /// [`STATE_DIR`] and is renamed into place, so a reader sees either no file or a whole one.
 ///
-/// Nothing is synced here. The dispatcher's journal, which records every result and is
-/// synced before any result is acknowledged, is what makes results survive a power cut;
-/// at start the journal rewrites what the disk lost and then syncs the filesystem
-/// ([`sync_filesystem`]) before forgetting them.
+/// Nothing is synced here. The dispatcher's database, which records every result and is
+/// synced before any result is acknowledged, is what makes results survive a power cut:
+/// the result writer syncs the filesystem ([`sync_filesystem`]) now and then and tells the
+/// database which files are safe, and at start the recovery rewrites from the database any
+/// other file the disk lost or tore.
 pub fn write_results(dir: &Path, results: &[ResultFile]) -> io::Result<()> {
     let state = dir.join(STATE_DIR);
     for result in results {
@@ -94,7 +149,8 @@ pub fn read_result(dir: &Path, commit: &CommitId) -> io::Result<ResultFile> {
     serde_json::from_slice(&text).map_err(io::Error::other)
 }
 
-/// The commits that already have a result file in `dir`.
+/// The commits that have a result file in `dir` (read once, when a results directory of an
+/// older dispatcher is imported into the database; never at an ordinary start).
 pub fn finished_commits(dir: &Path) -> io::Result<Vec<CommitId>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir)? {

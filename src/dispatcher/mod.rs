@@ -7,7 +7,9 @@
 
 pub mod core;
 pub mod journal;
+pub mod recovery;
 pub mod state;
+pub mod store;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,7 +25,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
 use self::core::{Core, Event, StorageError};
-use self::journal::Journal;
+use self::store::sqlite::SqliteStore;
+use self::store::StoreError;
 use crate::lock::DirLock;
 use crate::net::Transport;
 use crate::results;
@@ -61,13 +64,21 @@ pub struct Config {
 /// Why the dispatcher stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum DispatcherError {
-    /// The results directory or the journal could not be opened.
+    /// The results directory could not be opened.
     #[error("cannot open results directory {dir}: {source}")]
     Open {
         /// The directory.
         dir: String,
         /// Why.
         source: std::io::Error,
+    },
+    /// The database could not be opened, or the state it holds not recovered.
+    #[error("cannot open the database in {dir}/.tinyci: {source}")]
+    Database {
+        /// The results directory.
+        dir: String,
+        /// Why.
+        source: StoreError,
     },
     /// A write that must not fail did.
     #[error(transparent)]
@@ -100,21 +111,25 @@ pub async fn run(
         source,
     };
     results::prepare_dir(&dir).map_err(open_err)?;
-    // One owner per results directory: a second dispatcher would replay and compact the
-    // journal under the first one's feet. Held until `run` returns (the kernel drops it if
-    // the process dies).
+    // One owner per results directory: a second dispatcher would write the database and
+    // the result files under the first one's feet. Held until `run` returns (the kernel
+    // drops it if the process dies).
     let _owner = DirLock::acquire(&dir.join(results::STATE_DIR), "dispatcher")?;
-    let (journal, pending) = Journal::open(&dir).map_err(open_err)?;
-    let finished = results::finished_commits(&dir).map_err(open_err)?;
+    // Opening the database and recovering block: off the async workers.
     let grace = (config.heartbeat_timeout * 2).max(Duration::from_secs(6));
-    let core = Core::new(
-        dir.clone(),
-        journal,
-        config.max_attempts,
-        finished,
-        pending,
-        grace,
-    )?;
+    let (core_dir, max_attempts) = (dir.clone(), config.max_attempts);
+    let core = tokio::task::spawn_blocking(move || {
+        let db_err = |source| DispatcherError::Database {
+            dir: core_dir.display().to_string(),
+            source,
+        };
+        let mut store = SqliteStore::open(&core_dir).map_err(db_err)?;
+        let unfinished = recovery::recover(&core_dir, &mut store).map_err(db_err)?;
+        Core::new(core_dir, Box::new(store), max_attempts, unfinished, grace)
+            .map_err(DispatcherError::from)
+    })
+    .await
+    .map_err(|_| DispatcherError::CoreDied)??;
     let (events, rx) = event_queue();
     let core_shutdown = shutdown.clone();
     let core_thread = std::thread::Builder::new()
@@ -345,7 +360,7 @@ async fn serve_runner(
     .await;
     let (reason, goodbye) = match &res {
         // The dispatcher is stopping, not losing the runner: nothing is requeued or
-        // counted, and the journal keeps the job as running, so the restarted dispatcher
+        // counted, and the database keeps the job as running, so the restarted dispatcher
         // adopts it (exactly as after a kill -9).
         Ok(Ended::Shutdown) => return Ok(()),
         Ok(Ended::Lost(reason)) => (reason.clone(), false),

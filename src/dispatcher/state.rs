@@ -17,14 +17,17 @@
 //! stopped on purpose and handed the job back, and a runner whose origin was unreachable
 //! (it pauses until the origin is back). The next attempt goes to a runner the commit has
 //! not failed on, when one is registered and not paused.
+//!
+//! The scheduler knows nothing of storage or of the result file's format: it answers in
+//! domain types ([`Assignment`], [`Lost`], [`Finished`]) that the core records and renders.
+//! It keeps only the commits that are queued or running; whether a commit already finished
+//! is the store's to say.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
-use tinyci_proto::{CommitId, JobId, RunReport, RunStatus, RunnerId};
-
-use crate::results::{rfc3339, ResultFile};
+use tinyci_proto::{CommitId, JobId, RunReport, RunStatus, RunnerId, StepReport};
 
 /// Uncounted hand-backs are not free for ever: a commit handed out this many times the
 /// maximum number of attempts is given up even if most of its failures did not count.
@@ -46,6 +49,49 @@ pub struct Failure {
     pub counted: bool,
 }
 
+/// A commit's run as it ended: what its result file shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finished {
+    /// The commit tested.
+    pub commit: CommitId,
+    /// How the run ended.
+    pub status: RunStatus,
+    /// One entry per step, in order (none for a commit given up).
+    pub steps: Vec<StepReport>,
+    /// The runner of the last attempt.
+    pub runner: Option<String>,
+    /// Counted attempts.
+    pub attempts: u32,
+    /// When the commit was queued.
+    pub queued_at: SystemTime,
+    /// When the last attempt was handed out.
+    pub started_at: Option<SystemTime>,
+    /// When the result was recorded.
+    pub finished_at: SystemTime,
+    /// Why the run ended in `error`.
+    pub error: Option<String>,
+}
+
+/// Where a commit's current attempt stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptState {
+    /// No attempt is out: the commit waits in the queue.
+    Queued,
+    /// An attempt restored after a restart, waiting for its runner to register again
+    /// ([`Scheduler::adopt`]) until [`Scheduler::requeue_orphans`].
+    Orphaned {
+        /// The attempt.
+        job: JobId,
+    },
+    /// An attempt held by a registered runner.
+    Running {
+        /// The attempt.
+        job: JobId,
+        /// Its runner.
+        runner: RunnerId,
+    },
+}
+
 /// What the scheduler knows about a commit that is queued or running.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -55,11 +101,8 @@ pub struct Entry {
     pub started_at: Option<SystemTime>,
     /// How many attempts have been assigned so far.
     pub attempts: u32,
-    /// The outstanding attempt, if one is.
-    pub job: Option<JobId>,
-    /// The runner holding the outstanding attempt (`None` while an attempt restored from
-    /// the journal waits to be adopted).
-    pub runner: Option<RunnerId>,
+    /// Its current attempt.
+    pub state: AttemptState,
     /// Address of the runner that had the latest attempt.
     pub runner_addr: Option<String>,
     /// The attempts that ended without a result, oldest first.
@@ -72,10 +115,17 @@ impl Entry {
             queued_at,
             started_at: None,
             attempts: 0,
-            job: None,
-            runner: None,
+            state: AttemptState::Queued,
             runner_addr: None,
             failures: Vec::new(),
+        }
+    }
+
+    /// The runner holding the outstanding attempt, if a registered one does.
+    pub fn runner(&self) -> Option<RunnerId> {
+        match self.state {
+            AttemptState::Running { runner, .. } => Some(runner),
+            _ => None,
         }
     }
 
@@ -126,8 +176,10 @@ pub enum Lost {
     GaveUp {
         /// The attempt that was lost.
         job: JobId,
+        /// How that attempt failed.
+        failure: Failure,
         /// The result to record.
-        result: ResultFile,
+        result: Finished,
     },
 }
 
@@ -145,7 +197,6 @@ pub struct Scheduler {
     max_attempts: u32,
     queue: VecDeque<CommitId>,
     active: HashMap<CommitId, Entry>,
-    finished: HashSet<CommitId>,
     runners: HashMap<RunnerId, Runner>,
     idle: VecDeque<RunnerId>,
     jobs: HashMap<JobId, CommitId>,
@@ -158,27 +209,21 @@ impl Scheduler {
             max_attempts: max_attempts.max(1),
             queue: VecDeque::new(),
             active: HashMap::new(),
-            finished: HashSet::new(),
             runners: HashMap::new(),
             idle: VecDeque::new(),
             jobs: HashMap::new(),
         }
     }
 
-    /// Records a commit that already has a result, so it is never queued again.
-    pub fn mark_finished(&mut self, commit: CommitId) {
-        self.finished.insert(commit);
-    }
-
-    /// Whether the commit is queued, running or finished.
-    pub fn is_known(&self, commit: &CommitId) -> bool {
-        self.active.contains_key(commit) || self.finished.contains(commit)
+    /// Whether the commit is queued or running.
+    pub fn is_active(&self, commit: &CommitId) -> bool {
+        self.active.contains_key(commit)
     }
 
     /// Queues a new commit at the back. Returns false (and changes nothing) if the commit is
-    /// already queued, running or finished.
+    /// already queued or running. (Whether it finished before is the caller's to check.)
     pub fn submit(&mut self, commit: CommitId, now: SystemTime) -> bool {
-        if self.is_known(&commit) {
+        if self.is_active(&commit) {
             return false;
         }
         self.active.insert(commit.clone(), Entry::new(now));
@@ -186,28 +231,30 @@ impl Scheduler {
         true
     }
 
-    /// Restores a commit from the journal whose attempt `job` was running when the
-    /// dispatcher stopped. It waits for its runner to come back ([`Scheduler::adopt`]) until
+    /// Restores a commit whose attempt `job` was running when the dispatcher stopped. It
+    /// waits for its runner to come back ([`Scheduler::adopt`]) until
     /// [`Scheduler::requeue_orphans`] puts it back in the queue.
+    #[allow(clippy::too_many_arguments)]
     pub fn restore_running(
         &mut self,
         commit: CommitId,
         queued_at: SystemTime,
         job: JobId,
+        started_at: SystemTime,
         attempts: u32,
         addr: Option<String>,
         failures: Vec<Failure>,
     ) {
-        if self.is_known(&commit) {
+        if self.is_active(&commit) {
             return;
         }
         self.jobs.insert(job, commit.clone());
         self.active.insert(
             commit,
             Entry {
-                started_at: Some(queued_at),
+                started_at: Some(started_at),
                 attempts,
-                job: Some(job),
+                state: AttemptState::Orphaned { job },
                 runner_addr: addr,
                 failures,
                 ..Entry::new(queued_at)
@@ -215,8 +262,7 @@ impl Scheduler {
         );
     }
 
-    /// Restores a queued commit from the journal (after attempts that ended without a
-    /// result).
+    /// Restores a queued commit (after attempts that ended without a result).
     pub fn restore_queued(
         &mut self,
         commit: CommitId,
@@ -239,7 +285,7 @@ impl Scheduler {
         let mut orphans: Vec<(SystemTime, CommitId)> = self
             .active
             .iter()
-            .filter(|(_, e)| e.job.is_some() && e.runner.is_none())
+            .filter(|(_, e)| matches!(e.state, AttemptState::Orphaned { .. }))
             .map(|(c, e)| (e.queued_at, c.clone()))
             .collect();
         orphans.sort();
@@ -248,7 +294,10 @@ impl Scheduler {
             let Some(e) = self.active.get_mut(c) else {
                 continue;
             };
-            let Some(job) = e.job.take() else { continue };
+            let AttemptState::Orphaned { job } = e.state else {
+                continue;
+            };
+            e.state = AttemptState::Queued;
             self.jobs.remove(&job);
             let failure = Failure {
                 attempt: e.attempts,
@@ -279,6 +328,11 @@ impl Scheduler {
         }
     }
 
+    /// The address of a registered runner.
+    pub fn runner_addr(&self, id: RunnerId) -> Option<&str> {
+        self.runners.get(&id).map(|r| r.addr.as_str())
+    }
+
     /// Pauses a runner (it takes no new job; a job it holds goes on) or lets it take jobs
     /// again.
     pub fn set_paused(&mut self, id: RunnerId, paused: bool) {
@@ -294,7 +348,7 @@ impl Scheduler {
     }
 
     /// A newly registered runner announces it still runs `job`. If that attempt is
-    /// outstanding and has no live runner (it was restored from the journal), or is held
+    /// outstanding and has no live runner (it was restored after a restart), or is held
     /// by an earlier registration of the same runner (same address: it reconnected before
     /// its old connection was noticed dead), the runner takes it over and `true` is
     /// returned. The earlier registration keeps no job, so its loss costs nothing.
@@ -311,7 +365,7 @@ impl Scheduler {
         if self.runners.get(&id).is_some_and(|r| r.job.is_some()) {
             return false;
         }
-        if let Some(old) = entry.runner.filter(|old| *old != id) {
+        if let Some(old) = entry.runner().filter(|old| *old != id) {
             match self.runners.get_mut(&old) {
                 Some(o) if o.addr == addr && o.job == Some(job) => o.job = None,
                 _ => return false,
@@ -320,7 +374,7 @@ impl Scheduler {
         let Some(entry) = self.active.get_mut(commit) else {
             return false;
         };
-        entry.runner = Some(id);
+        entry.state = AttemptState::Running { job, runner: id };
         entry.runner_addr = Some(addr);
         if let Some(runner) = self.runners.get_mut(&id) {
             runner.job = Some(job);
@@ -370,7 +424,7 @@ impl Scheduler {
         let id = self
             .active
             .get(commit)
-            .and_then(|e| e.runner)
+            .and_then(Entry::runner)
             .ok_or(Refusal::NotOutstanding(job))?;
         let runner = self
             .runners
@@ -398,8 +452,7 @@ impl Scheduler {
     ) -> Option<Lost> {
         let commit = self.jobs.remove(&job)?;
         let entry = self.active.get_mut(&commit)?;
-        entry.job = None;
-        entry.runner = None;
+        entry.state = AttemptState::Queued;
         let failure = Failure {
             attempt: entry.attempts,
             runner: addr.to_owned(),
@@ -421,19 +474,22 @@ impl Scheduler {
             });
         }
         let entry = self.active.remove(&commit)?;
-        self.finished.insert(commit.clone());
-        let result = ResultFile {
+        let result = Finished {
             commit,
             status: RunStatus::Error,
             steps: Vec::new(),
             runner: entry.runner_addr.clone(),
             attempts: entry.attempts,
-            queued_at: rfc3339(entry.queued_at),
-            started_at: entry.started_at.map(rfc3339),
-            finished_at: rfc3339(now),
+            queued_at: entry.queued_at,
+            started_at: entry.started_at,
+            finished_at: now,
             error: Some(give_up_message(&entry, exhausted)),
         };
-        Some(Lost::GaveUp { job, result })
+        Some(Lost::GaveUp {
+            job,
+            failure,
+            result,
+        })
     }
 
     /// Pairs idle runners with queued commits, oldest commit and longest-idle runner first.
@@ -463,8 +519,7 @@ impl Scheduler {
             let job = JobId::new();
             entry.attempts += 1;
             entry.started_at = Some(now);
-            entry.job = Some(job);
-            entry.runner = Some(id);
+            entry.state = AttemptState::Running { job, runner: id };
             entry.runner_addr = Some(runner.addr.clone());
             runner.job = Some(job);
             self.jobs.insert(job, commit.clone());
@@ -514,13 +569,13 @@ impl Scheduler {
         job: JobId,
         report: RunReport,
         now: SystemTime,
-    ) -> Result<ResultFile, Refusal> {
+    ) -> Result<Finished, Refusal> {
         let commit = self.jobs.remove(&job).ok_or(Refusal::NotOutstanding(job))?;
         let entry = self
             .active
             .remove(&commit)
             .ok_or(Refusal::NotOutstanding(job))?;
-        if let Some(id) = entry.runner {
+        if let Some(id) = entry.runner() {
             if let Some(r) = self.runners.get_mut(&id) {
                 r.job = None;
                 if !r.paused {
@@ -528,16 +583,15 @@ impl Scheduler {
                 }
             }
         }
-        self.finished.insert(commit.clone());
-        Ok(ResultFile {
+        Ok(Finished {
             commit,
             status: report.status,
             steps: report.steps,
             runner: entry.runner_addr,
             attempts: entry.attempts,
-            queued_at: rfc3339(entry.queued_at),
-            started_at: entry.started_at.map(rfc3339),
-            finished_at: rfc3339(now),
+            queued_at: entry.queued_at,
+            started_at: entry.started_at,
+            finished_at: now,
             error: report.error,
         })
     }
@@ -644,9 +698,10 @@ mod tests {
         let a = s.assign(now());
         assert!(!s.submit(c(1), now()), "running");
         s.finish(a[0].job, ok(), now()).unwrap();
-        assert!(!s.submit(c(1), now()), "finished");
-        s.mark_finished(c(2));
-        assert!(!s.submit(c(2), now()), "finished before a restart");
+        assert!(
+            !s.is_active(&c(1)),
+            "finished: the store remembers it, not the scheduler"
+        );
     }
 
     #[test]
@@ -704,7 +759,7 @@ mod tests {
         }
         s.add_runner(RunnerId(9), "r9".into(), false);
         assert_eq!(s.assign(now())[0].commit, c(2), "the pool goes on");
-        assert!(!s.submit(c(1), now()), "the given-up commit is finished");
+        assert!(!s.is_active(&c(1)), "the given-up commit is finished");
     }
 
     #[test]
@@ -724,8 +779,8 @@ mod tests {
     fn restored_attempt_is_adopted_or_requeued() {
         let mut s = Scheduler::new(3);
         let job = JobId::new();
-        s.restore_running(c(1), now(), job, 1, Some("a".into()), Vec::new());
-        s.restore_running(c(2), now(), JobId::new(), 1, None, Vec::new());
+        s.restore_running(c(1), now(), job, now(), 1, Some("a".into()), Vec::new());
+        s.restore_running(c(2), now(), JobId::new(), now(), 1, None, Vec::new());
         s.add_runner(RunnerId(1), "a".into(), false);
         assert!(!s.adopt(RunnerId(1), JobId::new()), "unknown job");
         assert!(s.adopt(RunnerId(1), job));
@@ -813,7 +868,7 @@ mod tests {
             }
         }
         assert_eq!(runners, ["a", "b", "a"], "alternates between runners");
-        assert!(!s.submit(c(1), now()), "given up is finished");
+        assert!(!s.is_active(&c(1)), "given up is finished");
     }
 
     #[test]

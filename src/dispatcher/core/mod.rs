@@ -1,0 +1,440 @@
+//! The dispatcher's single owner: one OS thread that holds the [`Scheduler`], the
+//! [`Store`], the open log files and the channels to the runner connections, and is fed
+//! [`Event`]s by the connection tasks.
+//!
+//! Being one synchronous thread, it may block on the database and on files freely (never
+//! an async worker thread) and needs no locks. It takes events in batches — everything
+//! waiting in the channel, up to [`MAX_BATCH`] — and makes the whole batch's changes
+//! durable in one database transaction before any acknowledgement of it leaves (group
+//! commit), so a burst of submissions costs one fsync, not one each.
+//!
+//! Pieces: [`events`] decides what each event does; [`log_sink`] keeps each attempt's log;
+//! [`result_writer`] writes result files off this thread; recovery at start is
+//! [`super::recovery`]'s.
+
+mod events;
+pub mod log_sink;
+pub mod result_writer;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant, SystemTime};
+
+use tinyci_proto::{
+    CommitId, FromDispatcher, GiveBackCause, HeldJob, HeldVerdict, JobId, RunReport, RunnerId,
+};
+use tokio::sync::{mpsc::UnboundedSender, oneshot};
+use tracing::info;
+
+use self::log_sink::LogSink;
+use self::result_writer::ResultWriter;
+use super::recovery;
+use super::state::{Assignment, Scheduler};
+use super::store::{Op, Store, StoreError, Unfinished};
+use crate::results::ResultFile;
+
+pub use self::log_sink::MAX_LOG_BYTES;
+
+/// The most events handled in one batch (one transaction).
+pub const MAX_BATCH: usize = 4096;
+
+/// Events from the connection tasks to the core.
+pub enum Event {
+    /// An observer submitted commits; the reply goes out once they are durable.
+    Submit {
+        /// Oldest first.
+        commits: Vec<CommitId>,
+        /// Where the `Submitted` (or `Error`) answer goes.
+        reply: oneshot::Sender<FromDispatcher>,
+    },
+    /// A runner registered.
+    RunnerJoined {
+        /// Its `host:port`.
+        addr: String,
+        /// A job it still holds.
+        held: Option<HeldJob>,
+        /// Why it takes no job now, if it does not.
+        paused: Option<String>,
+        /// Messages to the runner.
+        tx: UnboundedSender<FromDispatcher>,
+        /// Its id and the verdict on the held job.
+        reply: oneshot::Sender<(RunnerId, Option<HeldVerdict>)>,
+    },
+    /// A runner's connection ended (closed, failed, or heartbeats missed), or it said
+    /// goodbye.
+    RunnerLost {
+        /// Which.
+        runner: RunnerId,
+        /// Why, for the log.
+        reason: String,
+        /// The runner said goodbye (it stopped on purpose): its job goes back uncounted.
+        goodbye: bool,
+    },
+    /// A runner takes no job for now.
+    Pause {
+        /// Which.
+        runner: RunnerId,
+        /// Why.
+        reason: String,
+    },
+    /// A runner takes jobs again.
+    Resume {
+        /// Which.
+        runner: RunnerId,
+    },
+    /// A runner hands a job back (it could not carry it out, or was stopped).
+    GiveBack {
+        /// The connection it came on.
+        runner: RunnerId,
+        /// The attempt.
+        job: JobId,
+        /// What went wrong.
+        reason: String,
+        /// Whether it counts.
+        cause: GiveBackCause,
+    },
+    /// Output of a job.
+    Log {
+        /// The connection it came on.
+        runner: RunnerId,
+        /// The attempt.
+        job: JobId,
+        /// Where `data` starts in the attempt's output.
+        offset: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// A job's result.
+    Done {
+        /// The connection it came on.
+        runner: RunnerId,
+        /// The attempt.
+        job: JobId,
+        /// The result.
+        report: RunReport,
+        /// Total output bytes of the attempt.
+        log_len: u64,
+    },
+    /// Stop the loop.
+    Shutdown,
+}
+
+/// A fatal storage error: the dispatcher stops rather than acknowledge what it cannot keep.
+#[derive(Debug, thiserror::Error)]
+#[error("storage failure while {what}: {source}")]
+pub struct StorageError {
+    what: String,
+    #[source]
+    source: StoreError,
+}
+
+impl StorageError {
+    /// `source`, met while doing `what`.
+    pub fn new(what: impl Into<String>, source: StoreError) -> StorageError {
+        StorageError {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// What one batch of events produced that must wait for the batch to be durable.
+#[derive(Default)]
+struct Batch {
+    /// Answers to observers.
+    acks: Vec<(oneshot::Sender<FromDispatcher>, FromDispatcher)>,
+    /// Result files to write.
+    results: Vec<ResultFile>,
+    /// Result acknowledgements to runners: (runner, job, accepted).
+    result_acks: Vec<(RunnerId, JobId, bool)>,
+    /// The attempt and runner each reported result came from, for the log line that says
+    /// it is recorded.
+    reported_by: HashMap<CommitId, (JobId, RunnerId)>,
+    /// Commits accepted: logged as `queued` once recorded.
+    queued: Vec<CommitId>,
+    /// Jobs handed out: logged as `assigned` and sent to their runners once recorded (a
+    /// line in the log is a promise the database keeps, even after a `kill -9`).
+    assigns: Vec<Assignment>,
+}
+
+impl Batch {
+    /// Adds what `later` holds after what this batch holds.
+    fn extend(&mut self, later: Batch) {
+        self.acks.extend(later.acks);
+        self.results.extend(later.results);
+        self.result_acks.extend(later.result_acks);
+        self.reported_by.extend(later.reported_by);
+        self.queued.extend(later.queued);
+        self.assigns.extend(later.assigns);
+    }
+}
+
+/// What an observer is told while the database cannot be written.
+fn submissions_refused(why: &dyn std::fmt::Display) -> String {
+    format!("the dispatcher cannot record new commits now (writing its database failed: {why}); keep them and submit again later")
+}
+
+/// How often a database that cannot be written is tried again.
+pub const STORE_RETRY: Duration = Duration::from_millis(500);
+
+/// The core's state.
+pub struct Core {
+    sched: Scheduler,
+    store: Box<dyn Store + Send>,
+    dir: PathBuf,
+    runners: HashMap<RunnerId, UnboundedSender<FromDispatcher>>,
+    logs: HashMap<JobId, LogSink>,
+    next_runner: u64,
+    /// When restored attempts that no runner has adopted go back to the queue.
+    orphan_deadline: Option<Instant>,
+    writer: ResultWriter,
+    /// Why the database cannot be written now (a full disk…), while that lasts: new
+    /// submissions are refused with this reason, no new work is handed out, and the commit
+    /// is retried every [`STORE_RETRY`].
+    trouble: Option<String>,
+    /// Replies, results, result acknowledgements and assignments of batches whose
+    /// transaction failed: held until a retry makes their changes durable.
+    unsynced: Batch,
+    /// Logs of ended attempts that lost output and could not say so yet: the line that
+    /// marks the gap is written as soon as writing works again.
+    torn_logs: Vec<LogSink>,
+}
+
+impl Core {
+    /// A core over an opened store, with the unfinished commits it holds restored
+    /// ([`recovery::restore`]). Attempts that were running wait `adoption_grace` for their
+    /// runner.
+    pub fn new(
+        dir: PathBuf,
+        store: Box<dyn Store + Send>,
+        max_attempts: u32,
+        unfinished: Vec<Unfinished>,
+        adoption_grace: Duration,
+    ) -> Result<Core, StorageError> {
+        let writer = ResultWriter::start(dir.clone()).map_err(|e| {
+            StorageError::new(
+                "starting the result writer",
+                StoreError::Io {
+                    what: "spawning its thread".into(),
+                    source: e,
+                },
+            )
+        })?;
+        let mut sched = Scheduler::new(max_attempts);
+        let restored = recovery::restore(&mut sched, &dir, unfinished, adoption_grace)
+            .map_err(|e| StorageError::new("restoring the queue", e))?;
+        Ok(Core {
+            sched,
+            store,
+            dir,
+            runners: HashMap::new(),
+            logs: restored.logs,
+            next_runner: 1,
+            orphan_deadline: restored.orphan_deadline,
+            writer,
+            trouble: None,
+            unsynced: Batch::default(),
+            torn_logs: Vec::new(),
+        })
+    }
+
+    /// Runs until [`Event::Shutdown`] or until every sender is gone.
+    pub fn run(mut self, rx: Receiver<Event>) -> Result<(), StorageError> {
+        loop {
+            // A database in trouble is retried even when no event comes.
+            let retry =
+                (self.trouble.is_some() || self.store.has_staged() || !self.torn_logs.is_empty())
+                    .then(|| Instant::now() + STORE_RETRY);
+            let wake = match (self.orphan_deadline, retry) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let first = match wake {
+                Some(deadline) => {
+                    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                        Ok(ev) => Some(ev),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                    }
+                }
+                None => match rx.recv() {
+                    Ok(ev) => Some(ev),
+                    Err(_) => return Ok(()),
+                },
+            };
+            let mut batch = Batch::default();
+            if self.orphan_deadline.is_some_and(|d| d <= Instant::now()) {
+                self.orphan_deadline = None;
+                self.requeue_orphans(&mut batch);
+            }
+            let mut stop = false;
+            for ev in first.into_iter().chain(rx.try_iter().take(MAX_BATCH)) {
+                if matches!(ev, Event::Shutdown) {
+                    stop = true;
+                    break;
+                }
+                self.handle(ev, &mut batch);
+            }
+            // No new work while the database cannot record it (a runner whose result is
+            // not yet acknowledged must not be handed another job), nor when stopping (no
+            // runner would hear of it). Jobs handed out now are recorded in this batch's
+            // transaction and sent only after it.
+            if self.trouble.is_none() && !stop {
+                self.dispatch(&mut batch);
+            }
+            let durable = self.writer.durable();
+            if !durable.is_empty() {
+                self.store.stage(Op::FilesDurable { commits: durable });
+            }
+            // One transaction makes the batch durable; then the acknowledgements, then the
+            // assignments (after the acks, so a runner hears its result was taken before
+            // it is handed the next job); the result files and log files, the slow part on
+            // some disks, come last, while the runners already work.
+            let results = self.commit(batch);
+            self.writer.write(results);
+            self.mend_torn_logs();
+            if stop {
+                if self.store.has_staged() {
+                    tracing::error!("stopping with changes the database could not record: unacknowledged results will be reported again by their runners, or run again");
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    /// Makes a batch durable — every op it staged, in one transaction — and only then lets
+    /// its acknowledgements and assignments out. Returns the result files to write.
+    ///
+    /// If the transaction fails, the observers are told their commits were not accepted
+    /// (they keep them and submit again), and everything else is held, with the ops, until
+    /// a later commit succeeds: nothing is acknowledged that is not durable.
+    fn commit(&mut self, batch: Batch) -> Vec<ResultFile> {
+        let Batch {
+            acks,
+            results,
+            result_acks,
+            reported_by,
+            queued,
+            assigns,
+        } = batch;
+        self.unsynced.extend(Batch {
+            acks: Vec::new(),
+            results,
+            result_acks,
+            reported_by,
+            queued,
+            assigns,
+        });
+        if let Err(e) = self.store.commit() {
+            self.store_failed(&e);
+            let reason = submissions_refused(&e);
+            for (reply, msg) in acks {
+                let answer = match msg {
+                    FromDispatcher::Submitted { .. } => FromDispatcher::Error {
+                        reason: reason.clone(),
+                    },
+                    refusal => refusal,
+                };
+                let _ = reply.send(answer);
+            }
+            return Vec::new();
+        }
+        self.store_works();
+        let held = std::mem::take(&mut self.unsynced);
+        for commit in &held.queued {
+            info!(commit = %commit, "queued");
+        }
+        for (reply, msg) in acks {
+            let _ = reply.send(msg);
+        }
+        for r in &held.results {
+            match held.reported_by.get(&r.commit) {
+                Some((job, runner)) => {
+                    info!(commit = %r.commit, status = ?r.status, runner = %runner, attempts = r.attempts, job = %job, "result recorded")
+                }
+                // Given up: no runner reported it.
+                None => {
+                    info!(commit = %r.commit, status = ?r.status, attempts = r.attempts, "result recorded")
+                }
+            }
+        }
+        for (runner, job, accepted) in held.result_acks {
+            if let Some(tx) = self.runners.get(&runner) {
+                let _ = tx.send(FromDispatcher::ResultAck { job, accepted });
+            }
+        }
+        for a in held.assigns {
+            info!(commit = %a.commit, runner = %a.runner, addr = %a.addr, attempt = a.attempt, job = %a.job, "assigned");
+            if let Some(tx) = self.runners.get(&a.runner) {
+                // If the connection task is gone, its RunnerLost event is on the way and
+                // will requeue the commit.
+                let _ = tx.send(FromDispatcher::Assign {
+                    job: a.job,
+                    commit: a.commit,
+                });
+            }
+        }
+        held.results
+    }
+
+    /// Notes that the database cannot be written: logged once, until it works again.
+    fn store_failed(&mut self, e: &StoreError) {
+        if self.trouble.is_none() {
+            // "journal": the database's write-ahead log is what a commit writes.
+            tracing::error!(error = %e, transient = e.is_transient(), retry_every = ?STORE_RETRY, "cannot write the journal (the database's write-ahead log): refusing new submissions and holding new work until it works again");
+        }
+        self.trouble = Some(e.to_string());
+    }
+
+    /// Notes that the database was written again.
+    fn store_works(&mut self) {
+        if let Some(was) = self.trouble.take() {
+            info!(
+                was,
+                "the journal is writable again (the database commits); accepting submissions"
+            );
+        }
+    }
+
+    /// Closes the log of an attempt that ended; one that still owes its reader a line about
+    /// lost output is kept until that line is written.
+    fn retire_log(&mut self, sink: LogSink) {
+        if sink.lost.is_some() {
+            self.torn_logs.push(sink);
+        }
+    }
+
+    /// Tries again to mark the gaps in the logs of ended attempts.
+    fn mend_torn_logs(&mut self) {
+        self.torn_logs.retain_mut(|sink| {
+            sink.write(b"", 0);
+            sink.lost.is_some()
+        });
+    }
+
+    /// Hands queued commits to idle runners: each assignment is staged, and sent once the
+    /// batch is durable.
+    fn dispatch(&mut self, batch: &mut Batch) {
+        let now = SystemTime::now();
+        for a in self.sched.assign(now) {
+            let sink = LogSink::new(&self.dir, &a.commit, &a.job, a.attempt, &a.addr);
+            self.store.stage(Op::Assigned {
+                commit: a.commit.clone(),
+                job: a.job,
+                number: a.attempt,
+                runner: a.addr.clone(),
+                at: now,
+            });
+            self.logs.insert(a.job, sink);
+            batch.assigns.push(a);
+        }
+    }
+
+    /// Puts restored attempts that no runner adopted back in the queue.
+    fn requeue_orphans(&mut self, batch: &mut Batch) {
+        for lost in recovery::requeue_orphans(&mut self.sched) {
+            self.attempt_ended(lost, batch);
+        }
+    }
+}

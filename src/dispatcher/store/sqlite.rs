@@ -1,0 +1,1289 @@
+//! The [`Store`] in an embedded SQLite database, `<results>/.tinyci/tinyci.db`: the whole
+//! schema, its migrations and every SQL statement of tinyci live in this file.
+//!
+//! Settings: WAL (readers never block the writer), `synchronous=FULL` (a commit returns
+//! only once its WAL frames are fsync'd: what is acknowledged survives a power cut),
+//! `foreign_keys=ON`, a busy timeout, temporary tables in memory (nothing but the database,
+//! its `-wal` and its `-shm` is ever created in the state directory), a checkpoint every
+//! 4,000 WAL pages and a 16 MiB page cache (fewer, larger checkpoints off the hot path). The schema version is
+//! SQLite's `user_version`; [`MIGRATIONS`] brings any older database up to date at start.
+//!
+//! Times are integers, milliseconds since the Unix epoch (`datetime(queued_at / 1000,
+//! 'unixepoch')` shows one in the `sqlite3` shell).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
+use tinyci_proto::{CommitId, JobId, RunStatus, StepReport, StepStatus};
+
+use super::{
+    AttemptEnd, AttemptRecord, History, Op, Outcome, Page, RunDetail, RunFilter, RunState,
+    RunSummary, RunnerState, RunningAttempt, Store, StoreError, Unfinished,
+};
+use crate::dispatcher::state::{Failure, Finished};
+use crate::results::STATE_DIR;
+
+/// The database's file name in the state directory.
+pub const DB_FILE: &str = "tinyci.db";
+
+/// How long a statement waits for a lock held by another connection (a reader's
+/// checkpoint, a user's `sqlite3` shell) before failing as busy.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The schema, one entry per version: entry `n` takes `user_version` from `n` to `n + 1`.
+/// Append only; never edit an entry that has shipped.
+const MIGRATIONS: &[&str] = &[
+    // v1
+    "CREATE TABLE commits (
+        sha         TEXT PRIMARY KEY NOT NULL,
+        branch      TEXT,
+        queued_at   INTEGER NOT NULL,
+        status      TEXT NOT NULL CHECK (status IN ('queued', 'running', 'finished')),
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        finished_at INTEGER,
+        result      TEXT CHECK (result IN ('success', 'failure', 'error', 'cancelled')),
+        error       TEXT,
+        file_synced INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE INDEX commits_open ON commits (status) WHERE status <> 'finished';
+    CREATE INDEX commits_result ON commits (result) WHERE result IS NOT NULL;
+    CREATE INDEX commits_branch ON commits (branch) WHERE branch IS NOT NULL;
+    CREATE INDEX commits_unsynced ON commits (file_synced) WHERE file_synced = 0;
+
+    CREATE TABLE attempts (
+        id         INTEGER PRIMARY KEY,
+        uuid       TEXT NOT NULL,
+        sha        TEXT NOT NULL REFERENCES commits (sha),
+        number     INTEGER NOT NULL,
+        runner     TEXT NOT NULL,
+        started_at INTEGER NOT NULL,
+        ended_at   INTEGER,
+        outcome    TEXT NOT NULL
+                   CHECK (outcome IN ('running', 'reported', 'failed', 'returned')),
+        reason     TEXT
+    );
+    CREATE INDEX attempts_sha ON attempts (sha);
+
+    CREATE TABLE steps (
+        attempt     INTEGER NOT NULL REFERENCES attempts (id),
+        position    INTEGER NOT NULL,
+        name        TEXT NOT NULL,
+        status      TEXT NOT NULL CHECK (status IN ('success', 'failure', 'timeout', 'skipped')),
+        exit_code   INTEGER,
+        started_at  INTEGER,
+        finished_at INTEGER,
+        duration_ms INTEGER NOT NULL,
+        PRIMARY KEY (attempt, position)
+    ) WITHOUT ROWID;
+    CREATE INDEX steps_name ON steps (name);
+
+    CREATE TABLE runners (
+        address    TEXT PRIMARY KEY NOT NULL,
+        first_seen INTEGER NOT NULL,
+        last_seen  INTEGER NOT NULL,
+        state      TEXT NOT NULL CHECK (state IN ('connected', 'paused', 'gone'))
+    ) WITHOUT ROWID;
+
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY NOT NULL,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID;",
+];
+
+/// `<results>/.tinyci/tinyci.db`.
+pub fn db_path(results_dir: &Path) -> PathBuf {
+    results_dir.join(STATE_DIR).join(DB_FILE)
+}
+
+fn db(what: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Db { what, source }
+}
+
+/// The writing side: owned by the dispatcher's core thread.
+pub struct SqliteStore {
+    conn: Connection,
+    staged: Vec<Op>,
+    /// Commits finished by a staged op: recorded, though not yet in the database.
+    staged_finished: HashSet<CommitId>,
+}
+
+impl SqliteStore {
+    /// Opens (creating it if need be) the database under `results_dir` and brings its
+    /// schema up to date. The caller holds the results directory's lock.
+    pub fn open(results_dir: &Path) -> Result<SqliteStore, StoreError> {
+        let path = db_path(results_dir);
+        let mut conn = Connection::open(&path).map_err(db("opening the database"))?;
+        configure(&conn)?;
+        migrate(&mut conn)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        Ok(SqliteStore {
+            conn,
+            staged: Vec::new(),
+            staged_finished: HashSet::new(),
+        })
+    }
+
+    /// The connection, for tests and the benchmark that build a history directly.
+    #[doc(hidden)]
+    pub fn connection(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
+    fn apply_staged(&mut self) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(db("beginning a transaction"))?;
+        for op in &self.staged {
+            apply(&tx, op)?;
+        }
+        tx.commit().map_err(db("committing"))
+    }
+}
+
+fn configure(conn: &Connection) -> Result<(), StoreError> {
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(db("setting the busy timeout"))?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(db("switching to WAL"))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Corrupt(format!(
+            "the database refused WAL mode (it is in {mode} mode)"
+        )));
+    }
+    conn.execute_batch(
+        "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;
+         PRAGMA wal_autocheckpoint = 4000; PRAGMA cache_size = -16384;",
+    )
+    .map_err(db("configuring the database"))
+}
+
+/// Brings the schema to the newest version, each migration in a transaction of its own.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(db("reading the schema version"))?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known || version < 0 {
+        return Err(StoreError::Corrupt(format!(
+            "schema version {version}, and this dispatcher knows versions up to {known} (a newer tinyci wrote it?)"
+        )));
+    }
+    for (n, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction().map_err(db("beginning a migration"))?;
+        tx.execute_batch(sql).map_err(db("migrating the schema"))?;
+        tx.pragma_update(None, "user_version", n as i64 + 1)
+            .map_err(db("recording the schema version"))?;
+        tx.commit().map_err(db("committing a migration"))?;
+        tracing::info!(version = n + 1, "database schema migrated");
+    }
+    Ok(())
+}
+
+fn apply(tx: &Connection, op: &Op) -> Result<(), StoreError> {
+    match op {
+        Op::Queued { commit, branch, at } => {
+            tx.prepare_cached(
+                "INSERT INTO commits (sha, branch, queued_at, status) VALUES (?1, ?2, ?3, 'queued')
+                 ON CONFLICT (sha) DO NOTHING",
+            )
+            .and_then(|mut s| s.execute(params![commit.as_str(), branch, ms(*at)]))
+            .map_err(db("recording a queued commit"))?;
+        }
+        Op::Assigned {
+            commit,
+            job,
+            number,
+            runner,
+            at,
+        } => {
+            tx.prepare_cached(
+                "INSERT INTO attempts (uuid, sha, number, runner, started_at, outcome)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'running')",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    job.to_string(),
+                    commit.as_str(),
+                    number,
+                    runner,
+                    ms(*at)
+                ])
+            })
+            .map_err(db("recording an assignment"))?;
+            tx.prepare_cached(
+                "UPDATE commits SET status = 'running', attempts = ?2 WHERE sha = ?1",
+            )
+            .and_then(|mut s| s.execute(params![commit.as_str(), number]))
+            .map_err(db("recording an assignment"))?;
+        }
+        Op::Adopted {
+            commit,
+            job,
+            runner,
+        } => {
+            tx.prepare_cached("UPDATE attempts SET runner = ?3 WHERE sha = ?1 AND uuid = ?2")
+                .and_then(|mut s| s.execute(params![commit.as_str(), job.to_string(), runner]))
+                .map_err(db("recording an adoption"))?;
+        }
+        Op::Returned {
+            commit,
+            job,
+            failure,
+            attempts,
+            at,
+        } => {
+            end_attempt(
+                tx,
+                commit,
+                job,
+                *at,
+                Outcome::of_failure(failure),
+                Some(&failure.reason),
+            )?;
+            tx.prepare_cached("UPDATE commits SET status = 'queued', attempts = ?2 WHERE sha = ?1")
+                .and_then(|mut s| s.execute(params![commit.as_str(), attempts]))
+                .map_err(db("recording a requeue"))?;
+        }
+        Op::Finished { last, run } => {
+            match last {
+                Some((job, AttemptEnd::Reported)) => {
+                    insert_steps(tx, &run.commit, job, &run.steps)?;
+                    end_attempt(
+                        tx,
+                        &run.commit,
+                        job,
+                        run.finished_at,
+                        Outcome::Reported,
+                        None,
+                    )?;
+                }
+                Some((job, AttemptEnd::GaveUp(failure))) => end_attempt(
+                    tx,
+                    &run.commit,
+                    job,
+                    run.finished_at,
+                    Outcome::of_failure(failure),
+                    Some(&failure.reason),
+                )?,
+                None => {}
+            }
+            finish_commit(tx, run, false)?;
+        }
+        Op::Imported { run } => {
+            tx.prepare_cached(
+                "INSERT INTO commits (sha, queued_at, status) VALUES (?1, ?2, 'finished')
+                 ON CONFLICT (sha) DO NOTHING",
+            )
+            .and_then(|mut s| s.execute(params![run.commit.as_str(), ms(run.queued_at)]))
+            .map_err(db("importing a run"))?;
+            if let Some(runner) = &run.runner {
+                // The journal kept only the final attempt of a finished run.
+                let job = JobId::new();
+                let (outcome, reason) = if run.status == RunStatus::Error && run.steps.is_empty() {
+                    (Outcome::Failed, run.error.as_deref())
+                } else {
+                    (Outcome::Reported, None)
+                };
+                tx.prepare_cached(
+                    "INSERT INTO attempts (uuid, sha, number, runner, started_at, ended_at, outcome, reason)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        job.to_string(),
+                        run.commit.as_str(),
+                        run.attempts,
+                        runner,
+                        ms(run.started_at.unwrap_or(run.queued_at)),
+                        ms(run.finished_at),
+                        outcome.as_str(),
+                        reason
+                    ])
+                })
+                .map_err(db("importing a run"))?;
+                insert_steps(tx, &run.commit, &job, &run.steps)?;
+            }
+            finish_commit(tx, run, true)?;
+        }
+        Op::Runner { addr, state, at } => {
+            tx.prepare_cached(
+                "INSERT INTO runners (address, first_seen, last_seen, state) VALUES (?1, ?2, ?2, ?3)
+                 ON CONFLICT (address) DO UPDATE SET last_seen = ?2, state = ?3",
+            )
+            .and_then(|mut s| s.execute(params![addr, ms(*at), runner_state(*state)]))
+            .map_err(db("recording a runner"))?;
+        }
+        Op::FilesDurable { commits } => {
+            let mut s = tx
+                .prepare_cached("UPDATE commits SET file_synced = 1 WHERE sha = ?1")
+                .map_err(db("recording synced result files"))?;
+            for c in commits {
+                s.execute([c.as_str()])
+                    .map_err(db("recording synced result files"))?;
+            }
+        }
+        Op::JournalImported { at } => {
+            tx.prepare_cached(
+                "INSERT INTO meta (key, value) VALUES ('journal_imported', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = ?1",
+            )
+            .and_then(|mut s| s.execute([ms(*at).to_string()]))
+            .map_err(db("recording the journal import"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Ends attempt `job` of `commit`, found through the commit's index: attempt ids have
+/// none (a random key would cost a page of its index per attempt in every transaction).
+fn end_attempt(
+    tx: &Connection,
+    commit: &CommitId,
+    job: &JobId,
+    at: SystemTime,
+    outcome: Outcome,
+    reason: Option<&str>,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "UPDATE attempts SET ended_at = ?3, outcome = ?4, reason = ?5 WHERE sha = ?1 AND uuid = ?2",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            commit.as_str(),
+            job.to_string(),
+            ms(at),
+            outcome.as_str(),
+            reason
+        ])
+    })
+    .map_err(db("recording the end of an attempt"))?;
+    Ok(())
+}
+
+fn insert_steps(
+    tx: &Connection,
+    commit: &CommitId,
+    job: &JobId,
+    steps: &[StepReport],
+) -> Result<(), StoreError> {
+    if steps.is_empty() {
+        return Ok(());
+    }
+    let mut s = tx
+        .prepare_cached(
+            "INSERT OR REPLACE INTO steps (attempt, position, name, status, exit_code, duration_ms)
+             SELECT id, ?3, ?4, ?5, ?6, ?7 FROM attempts WHERE sha = ?1 AND uuid = ?2",
+        )
+        .map_err(db("recording steps"))?;
+    let job = job.to_string();
+    for (n, step) in steps.iter().enumerate() {
+        s.execute(params![
+            commit.as_str(),
+            job,
+            n as i64,
+            step.name,
+            step_status(step.status),
+            step.exit_code,
+            i64::try_from(step.duration_ms).unwrap_or(i64::MAX)
+        ])
+        .map_err(db("recording steps"))?;
+    }
+    Ok(())
+}
+
+fn finish_commit(tx: &Connection, run: &Finished, file_synced: bool) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "UPDATE commits SET status = 'finished', attempts = ?2, finished_at = ?3, result = ?4,
+         error = ?5, file_synced = ?6 WHERE sha = ?1",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            run.commit.as_str(),
+            run.attempts,
+            ms(run.finished_at),
+            run_status(run.status),
+            run.error,
+            file_synced
+        ])
+    })
+    .map_err(db("recording a result"))?;
+    Ok(())
+}
+
+impl Store for SqliteStore {
+    fn stage(&mut self, op: Op) {
+        match &op {
+            Op::Finished { run, .. } | Op::Imported { run } => {
+                self.staged_finished.insert(run.commit.clone());
+            }
+            _ => {}
+        }
+        self.staged.push(op);
+    }
+
+    fn commit(&mut self) -> Result<(), StoreError> {
+        if self.staged.is_empty() {
+            return Ok(());
+        }
+        match self.apply_staged() {
+            Ok(()) => {
+                self.staged.clear();
+                self.staged_finished.clear();
+                Ok(())
+            }
+            Err(e) => {
+                // A failed COMMIT may leave the transaction open (SQLITE_BUSY) or roll it
+                // back itself (SQLITE_FULL, IOERR); either way none of it stands.
+                if !self.conn.is_autocommit() {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn has_staged(&self) -> bool {
+        !self.staged.is_empty()
+    }
+
+    fn is_recorded(&mut self, commit: &CommitId) -> Result<bool, StoreError> {
+        if self.staged_finished.contains(commit) {
+            return Ok(true);
+        }
+        self.conn
+            .prepare_cached("SELECT 1 FROM commits WHERE sha = ?1")
+            .and_then(|mut s| s.exists([commit.as_str()]))
+            .map_err(db("looking a commit up"))
+    }
+
+    fn unfinished(&mut self) -> Result<Vec<Unfinished>, StoreError> {
+        let mut out: Vec<Unfinished> = self
+            .conn
+            .prepare(
+                "SELECT sha, queued_at, attempts FROM commits WHERE status <> 'finished'
+                 ORDER BY rowid",
+            )
+            .and_then(|mut s| {
+                s.query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, u32>(2)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(db("reading the queue"))?
+            .into_iter()
+            .map(|(sha, queued_at, attempts)| {
+                Ok(Unfinished {
+                    commit: commit_id(&sha)?,
+                    queued_at: time(queued_at),
+                    attempts,
+                    running: None,
+                    failures: Vec::new(),
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let mut attempts = self
+            .conn
+            .prepare(
+                "SELECT uuid, number, runner, started_at, outcome, reason FROM attempts
+                 WHERE sha = ?1 ORDER BY id",
+            )
+            .map_err(db("reading attempts"))?;
+        for u in &mut out {
+            let rows = attempts
+                .query_map([u.commit.as_str()], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, u32>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, Option<String>>(5)?,
+                    ))
+                })
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(db("reading attempts"))?;
+            for (uuid, number, runner, started_at, outcome, reason) in rows {
+                match outcome_of(&outcome)? {
+                    Outcome::Running => {
+                        u.running = Some(RunningAttempt {
+                            job: job_id(&uuid)?,
+                            runner,
+                            started_at: time(started_at),
+                        })
+                    }
+                    o @ (Outcome::Failed | Outcome::Returned) => u.failures.push(Failure {
+                        attempt: number,
+                        runner,
+                        reason: reason.unwrap_or_default(),
+                        counted: o == Outcome::Failed,
+                    }),
+                    Outcome::Reported => {
+                        return Err(StoreError::Corrupt(format!(
+                            "commit {} is unfinished but attempt {uuid} reported a result",
+                            u.commit
+                        )))
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn unsynced_results(&mut self) -> Result<Vec<Finished>, StoreError> {
+        let shas: Vec<String> = self
+            .conn
+            .prepare("SELECT sha FROM commits WHERE file_synced = 0 AND status = 'finished'")
+            .and_then(|mut s| {
+                s.query_map([], |r| r.get(0))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(db("listing unsynced results"))?;
+        let mut out = Vec::with_capacity(shas.len());
+        for sha in shas {
+            let commit = commit_id(&sha)?;
+            match finished_run(&self.conn, &commit)? {
+                Some(run) => out.push(run),
+                None => {
+                    return Err(StoreError::Corrupt(format!(
+                        "commit {commit} vanished while being read"
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn journal_imported(&mut self) -> Result<bool, StoreError> {
+        self.conn
+            .prepare_cached("SELECT 1 FROM meta WHERE key = 'journal_imported'")
+            .and_then(|mut s| s.exists([]))
+            .map_err(db("reading the journal import mark"))
+    }
+
+    fn forget_runners(&mut self) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE runners SET state = 'gone' WHERE state <> 'gone'",
+                [],
+            )
+            .map_err(db("marking runners gone"))?;
+        Ok(())
+    }
+}
+
+/// A finished run as its result file shows it: the commit's row, its last attempt's runner
+/// and start, and that attempt's steps. `None` if the commit is not finished.
+pub fn finished_run(conn: &Connection, commit: &CommitId) -> Result<Option<Finished>, StoreError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT attempts, queued_at, finished_at, result, error FROM commits
+             WHERE sha = ?1 AND status = 'finished'",
+        )
+        .and_then(|mut s| {
+            s.query_row([commit.as_str()], |r| {
+                Ok((
+                    r.get::<_, u32>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Option<i64>>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                ))
+            })
+            .optional()
+        })
+        .map_err(db("reading a result"))?;
+    let Some((attempts, queued_at, finished_at, result, error)) = row else {
+        return Ok(None);
+    };
+    let (Some(finished_at), Some(result)) = (finished_at, result) else {
+        return Err(StoreError::Corrupt(format!(
+            "commit {commit} is finished without a time or a result"
+        )));
+    };
+    let last = conn
+        .prepare_cached(
+            "SELECT id, runner, started_at, outcome FROM attempts WHERE sha = ?1
+             ORDER BY id DESC LIMIT 1",
+        )
+        .and_then(|mut s| {
+            s.query_row([commit.as_str()], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })
+            .optional()
+        })
+        .map_err(db("reading a result's attempt"))?;
+    let (runner, started_at, steps) = match last {
+        Some((id, runner, started_at, outcome)) => {
+            let steps = if outcome_of(&outcome)? == Outcome::Reported {
+                steps_of(conn, id)?
+            } else {
+                Vec::new()
+            };
+            (Some(runner), Some(time(started_at)), steps)
+        }
+        None => (None, None, Vec::new()),
+    };
+    Ok(Some(Finished {
+        commit: commit.clone(),
+        status: run_status_of(&result)?,
+        steps,
+        runner,
+        attempts,
+        queued_at: time(queued_at),
+        started_at,
+        finished_at: time(finished_at),
+        error,
+    }))
+}
+
+fn steps_of(conn: &Connection, attempt: i64) -> Result<Vec<StepReport>, StoreError> {
+    let rows = conn
+        .prepare_cached(
+            "SELECT name, status, exit_code, duration_ms FROM steps WHERE attempt = ?1
+             ORDER BY position",
+        )
+        .and_then(|mut s| {
+            s.query_map([attempt], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<i32>>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(db("reading steps"))?;
+    rows.into_iter()
+        .map(|(name, status, exit_code, duration_ms)| {
+            Ok(StepReport {
+                name,
+                status: step_status_of(&status)?,
+                exit_code,
+                duration_ms: u64::try_from(duration_ms).unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+/// The reading side: a read-only connection of its own, for the queries of the client and
+/// the HTTP API. Any number may be open while the core writes.
+pub struct SqliteReader {
+    conn: Connection,
+}
+
+impl SqliteReader {
+    /// Opens the database under `results_dir` read-only. It must exist (the dispatcher
+    /// creates it).
+    pub fn open(results_dir: &Path) -> Result<SqliteReader, StoreError> {
+        let conn = Connection::open_with_flags(
+            db_path(results_dir),
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(db("opening the database to read"))?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(db("setting the busy timeout"))?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(db("reading the schema version"))?;
+        if version != MIGRATIONS.len() as i64 {
+            return Err(StoreError::Corrupt(format!(
+                "schema version {version}, and this reader reads version {}",
+                MIGRATIONS.len()
+            )));
+        }
+        Ok(SqliteReader { conn })
+    }
+}
+
+const SUMMARY_COLUMNS: &str = "sha, branch, status, result, attempts, queued_at, finished_at";
+
+fn summary_of(r: &Row<'_>) -> rusqlite::Result<SummaryRow> {
+    Ok(SummaryRow {
+        sha: r.get(0)?,
+        branch: r.get(1)?,
+        status: r.get(2)?,
+        result: r.get(3)?,
+        attempts: r.get(4)?,
+        queued_at: r.get(5)?,
+        finished_at: r.get(6)?,
+    })
+}
+
+/// A `commits` row as read, before its text is checked.
+struct SummaryRow {
+    sha: String,
+    branch: Option<String>,
+    status: String,
+    result: Option<String>,
+    attempts: u32,
+    queued_at: i64,
+    finished_at: Option<i64>,
+}
+
+impl SummaryRow {
+    fn parse(self) -> Result<RunSummary, StoreError> {
+        let state = match (self.status.as_str(), self.result.as_deref()) {
+            ("queued", _) => RunState::Queued,
+            ("running", _) => RunState::Running,
+            ("finished", Some(r)) => RunState::Done(run_status_of(r)?),
+            (s, r) => {
+                return Err(StoreError::Corrupt(format!(
+                    "commit {} has status {s:?} and result {r:?}",
+                    self.sha
+                )))
+            }
+        };
+        Ok(RunSummary {
+            commit: commit_id(&self.sha)?,
+            branch: self.branch,
+            state,
+            attempts: self.attempts,
+            queued_at: time(self.queued_at),
+            finished_at: self.finished_at.map(time),
+        })
+    }
+}
+
+impl History for SqliteReader {
+    fn runs(&self, filter: &RunFilter) -> Result<Page<RunSummary>, StoreError> {
+        let (status, result) = match filter.status {
+            None => (None, None),
+            Some(RunState::Queued) => (Some("queued"), None),
+            Some(RunState::Running) => (Some("running"), None),
+            Some(RunState::Done(s)) => (None, Some(run_status(s))),
+        };
+        let filter_sql = "(?1 IS NULL OR status = ?1) AND (?2 IS NULL OR result = ?2)
+             AND (?3 IS NULL OR branch = ?3)";
+        let total: u64 = self
+            .conn
+            .prepare_cached(&format!("SELECT count(*) FROM commits WHERE {filter_sql}"))
+            .and_then(|mut s| s.query_row(params![status, result, filter.branch], |r| r.get(0)))
+            .map_err(db("counting runs"))?;
+        let rows = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {SUMMARY_COLUMNS} FROM commits WHERE {filter_sql}
+                 ORDER BY rowid DESC LIMIT ?4 OFFSET ?5"
+            ))
+            .and_then(|mut s| {
+                s.query_map(
+                    params![status, result, filter.branch, filter.limit, filter.offset],
+                    summary_of,
+                )?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(db("listing runs"))?;
+        Ok(Page {
+            total,
+            data: rows
+                .into_iter()
+                .map(SummaryRow::parse)
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    fn run(&self, commit: &CommitId) -> Result<Option<RunDetail>, StoreError> {
+        let row = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {SUMMARY_COLUMNS}, error FROM commits WHERE sha = ?1"
+            ))
+            .and_then(|mut s| {
+                s.query_row([commit.as_str()], |r| Ok((summary_of(r)?, r.get(7)?)))
+                    .optional()
+            })
+            .map_err(db("reading a run"))?;
+        let Some((summary, error)) = row else {
+            return Ok(None);
+        };
+        let rows = self
+            .conn
+            .prepare_cached(
+                "SELECT id, uuid, number, runner, started_at, ended_at, outcome, reason
+                 FROM attempts WHERE sha = ?1 ORDER BY id",
+            )
+            .and_then(|mut s| {
+                s.query_map([commit.as_str()], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, u32>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, Option<i64>>(5)?,
+                        r.get::<_, String>(6)?,
+                        r.get::<_, Option<String>>(7)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(db("reading a run's attempts"))?;
+        let mut attempts = Vec::with_capacity(rows.len());
+        for (id, uuid, number, runner, started_at, ended_at, outcome, reason) in rows {
+            attempts.push(AttemptRecord {
+                job: job_id(&uuid)?,
+                number,
+                runner,
+                started_at: time(started_at),
+                ended_at: ended_at.map(time),
+                outcome: outcome_of(&outcome)?,
+                reason,
+                steps: steps_of(&self.conn, id)?,
+            });
+        }
+        Ok(Some(RunDetail {
+            summary: summary.parse()?,
+            error,
+            attempts,
+        }))
+    }
+
+    fn queue(&self) -> Result<Vec<RunSummary>, StoreError> {
+        let rows = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {SUMMARY_COLUMNS} FROM commits WHERE status <> 'finished' ORDER BY rowid"
+            ))
+            .and_then(|mut s| s.query_map([], summary_of)?.collect::<Result<Vec<_>, _>>())
+            .map_err(db("reading the queue"))?;
+        rows.into_iter().map(SummaryRow::parse).collect()
+    }
+}
+
+/// Milliseconds since the epoch (0 for times before it).
+pub fn ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The time `ms` milliseconds after the epoch (the epoch for negative values).
+pub fn time(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+fn commit_id(sha: &str) -> Result<CommitId, StoreError> {
+    CommitId::parse(sha).map_err(|e| StoreError::Corrupt(format!("commit {sha:?}: {e}")))
+}
+
+fn job_id(uuid: &str) -> Result<JobId, StoreError> {
+    uuid::Uuid::parse_str(uuid)
+        .map(JobId)
+        .map_err(|e| StoreError::Corrupt(format!("attempt id {uuid:?}: {e}")))
+}
+
+fn outcome_of(s: &str) -> Result<Outcome, StoreError> {
+    Ok(match s {
+        "running" => Outcome::Running,
+        "reported" => Outcome::Reported,
+        "failed" => Outcome::Failed,
+        "returned" => Outcome::Returned,
+        other => return Err(StoreError::Corrupt(format!("attempt outcome {other:?}"))),
+    })
+}
+
+fn run_status(s: RunStatus) -> &'static str {
+    match s {
+        RunStatus::Success => "success",
+        RunStatus::Failure => "failure",
+        RunStatus::Error => "error",
+    }
+}
+
+fn run_status_of(s: &str) -> Result<RunStatus, StoreError> {
+    Ok(match s {
+        "success" => RunStatus::Success,
+        "failure" => RunStatus::Failure,
+        "error" => RunStatus::Error,
+        other => return Err(StoreError::Corrupt(format!("run result {other:?}"))),
+    })
+}
+
+fn step_status(s: StepStatus) -> &'static str {
+    match s {
+        StepStatus::Success => "success",
+        StepStatus::Failure => "failure",
+        StepStatus::Timeout => "timeout",
+        StepStatus::Skipped => "skipped",
+    }
+}
+
+fn step_status_of(s: &str) -> Result<StepStatus, StoreError> {
+    Ok(match s {
+        "success" => StepStatus::Success,
+        "failure" => StepStatus::Failure,
+        "timeout" => StepStatus::Timeout,
+        "skipped" => StepStatus::Skipped,
+        other => return Err(StoreError::Corrupt(format!("step status {other:?}"))),
+    })
+}
+
+fn runner_state(s: RunnerState) -> &'static str {
+    match s {
+        RunnerState::Connected => "connected",
+        RunnerState::Paused => "paused",
+        RunnerState::Gone => "gone",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(n: u32) -> CommitId {
+        CommitId::parse(&format!("{n:08x}").repeat(5)).unwrap()
+    }
+
+    fn at(ms: i64) -> SystemTime {
+        time(1_700_000_000_000 + ms)
+    }
+
+    fn run(commit: CommitId, status: RunStatus, steps: Vec<StepReport>) -> Finished {
+        Finished {
+            commit,
+            status,
+            steps,
+            runner: Some("r:1".into()),
+            attempts: 1,
+            queued_at: at(0),
+            started_at: Some(at(5)),
+            finished_at: at(900),
+            error: None,
+        }
+    }
+
+    fn step(name: &str, status: StepStatus, exit_code: Option<i32>) -> StepReport {
+        StepReport {
+            name: name.into(),
+            status,
+            exit_code,
+            duration_ms: 12,
+        }
+    }
+
+    /// Queues `commit`, hands it to `r:1`, and records `run` as its result.
+    fn record(store: &mut SqliteStore, run: &Finished, branch: Option<&str>) -> JobId {
+        let job = JobId::new();
+        store.stage(Op::Queued {
+            commit: run.commit.clone(),
+            branch: branch.map(str::to_owned),
+            at: run.queued_at,
+        });
+        store.stage(Op::Assigned {
+            commit: run.commit.clone(),
+            job,
+            number: 1,
+            runner: "r:1".into(),
+            at: at(5),
+        });
+        store.stage(Op::Finished {
+            last: Some((job, AttemptEnd::Reported)),
+            run: run.clone(),
+        });
+        job
+    }
+
+    #[test]
+    fn a_run_reads_back_as_it_was_recorded_and_renders_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::results::prepare_dir(dir.path()).unwrap();
+        let mut store = SqliteStore::open(dir.path()).unwrap();
+        let r = run(
+            c(1),
+            RunStatus::Failure,
+            vec![
+                step("build", StepStatus::Success, Some(0)),
+                step("test", StepStatus::Failure, Some(1)),
+                step("lint", StepStatus::Skipped, None),
+            ],
+        );
+        record(&mut store, &r, None);
+        assert!(store.is_recorded(&c(1)).unwrap(), "staged counts");
+        store.commit().unwrap();
+        assert!(!store.has_staged());
+        assert_eq!(finished_run(&store.conn, &c(1)).unwrap(), Some(r.clone()));
+        assert_eq!(
+            crate::results::ResultFile::render(&finished_run(&store.conn, &c(1)).unwrap().unwrap()),
+            crate::results::ResultFile::render(&r)
+        );
+        // Its file is not known to be on disk until the writer says so.
+        assert_eq!(store.unsynced_results().unwrap(), vec![r]);
+        store.stage(Op::FilesDurable {
+            commits: vec![c(1)],
+        });
+        store.commit().unwrap();
+        assert!(store.unsynced_results().unwrap().is_empty());
+        assert!(store.unfinished().unwrap().is_empty());
+        assert!(!store.is_recorded(&c(2)).unwrap());
+
+        // A reopened database has it all (and migrations do not run twice).
+        drop(store);
+        let mut again = SqliteStore::open(dir.path()).unwrap();
+        assert!(again.is_recorded(&c(1)).unwrap());
+        let mode: String = again
+            .conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let sync: i64 = again
+            .conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2, "FULL");
+    }
+
+    #[test]
+    fn the_queue_and_the_attempts_in_flight_are_read_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::results::prepare_dir(dir.path()).unwrap();
+        let mut store = SqliteStore::open(dir.path()).unwrap();
+        for n in 1..=4 {
+            store.stage(Op::Queued {
+                commit: c(n),
+                branch: None,
+                at: at(n as i64),
+            });
+        }
+        store.commit().unwrap();
+        // c(1) finishes; c(2) is running; c(3) failed once (counted) and once (not).
+        let j1 = JobId::new();
+        store.stage(Op::Assigned {
+            commit: c(1),
+            job: j1,
+            number: 1,
+            runner: "a".into(),
+            at: at(10),
+        });
+        store.stage(Op::Finished {
+            last: Some((j1, AttemptEnd::Reported)),
+            run: run(c(1), RunStatus::Success, Vec::new()),
+        });
+        let j2 = JobId::new();
+        store.stage(Op::Assigned {
+            commit: c(2),
+            job: j2,
+            number: 1,
+            runner: "b".into(),
+            at: at(11),
+        });
+        store.stage(Op::Adopted {
+            commit: c(2),
+            job: j2,
+            runner: "b2".into(),
+        });
+        for (number, counted, attempts) in [(1, true, 1), (2, false, 1)] {
+            let job = JobId::new();
+            store.stage(Op::Assigned {
+                commit: c(3),
+                job,
+                number,
+                runner: "c".into(),
+                at: at(12),
+            });
+            store.stage(Op::Returned {
+                commit: c(3),
+                job,
+                failure: Failure {
+                    attempt: number,
+                    runner: "c".into(),
+                    reason: format!("reason {number}"),
+                    counted,
+                },
+                attempts,
+                at: at(13),
+            });
+        }
+        store.commit().unwrap();
+        let u = store.unfinished().unwrap();
+        let order: Vec<&CommitId> = u.iter().map(|u| &u.commit).collect();
+        assert_eq!(order, [&c(2), &c(3), &c(4)]);
+        assert_eq!(
+            u[0].running,
+            Some(RunningAttempt {
+                job: j2,
+                runner: "b2".into(),
+                started_at: at(11)
+            })
+        );
+        assert_eq!(u[0].attempts, 1);
+        assert_eq!(u[1].running, None);
+        assert_eq!(u[1].attempts, 1);
+        let f: Vec<(u32, &str, bool)> = u[1]
+            .failures
+            .iter()
+            .map(|f| (f.attempt, f.reason.as_str(), f.counted))
+            .collect();
+        assert_eq!(f, [(1, "reason 1", true), (2, "reason 2", false)]);
+        assert_eq!(u[2].queued_at, at(4));
+    }
+
+    #[test]
+    fn a_full_database_keeps_the_batch_staged_and_applies_it_once_when_there_is_room() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::results::prepare_dir(dir.path()).unwrap();
+        let mut store = SqliteStore::open(dir.path()).unwrap();
+        // The database may not grow: as on a full disk, a commit that needs a new page
+        // fails with SQLITE_FULL.
+        let pages: i64 = store
+            .conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        store
+            .conn
+            .pragma_update(None, "max_page_count", pages)
+            .unwrap();
+        for n in 0..2000 {
+            store.stage(Op::Queued {
+                commit: c(n),
+                branch: Some("main".into()),
+                at: at(n as i64),
+            });
+        }
+        let done = run(c(5000), RunStatus::Success, Vec::new());
+        record(&mut store, &done, None);
+        let e = store.commit().unwrap_err();
+        assert!(e.is_transient(), "{e}");
+        assert!(e.to_string().contains("full"), "{e}");
+        assert!(store.has_staged());
+        assert!(store.is_recorded(&c(5000)).unwrap(), "still staged");
+        assert!(store.conn.is_autocommit(), "rolled back");
+        let count = |s: &SqliteStore| -> i64 {
+            s.conn
+                .query_row("SELECT count(*) FROM commits", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(count(&store), 0, "nothing of the batch stands");
+        // Another failed try, then room.
+        assert!(store.commit().is_err());
+        store
+            .conn
+            .pragma_update(None, "max_page_count", 1_000_000)
+            .unwrap();
+        store.commit().unwrap();
+        assert!(!store.has_staged());
+        assert_eq!(count(&store), 2001, "every op exactly once");
+        assert_eq!(store.unfinished().unwrap().len(), 2000);
+    }
+
+    #[test]
+    fn history_lists_runs_by_status_and_branch_with_pages_and_totals() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::results::prepare_dir(dir.path()).unwrap();
+        let mut store = SqliteStore::open(dir.path()).unwrap();
+        let mut jobs = Vec::new();
+        for n in 1..=10 {
+            let status = if n % 3 == 0 {
+                RunStatus::Failure
+            } else {
+                RunStatus::Success
+            };
+            let branch = if n <= 5 { "main" } else { "dev" };
+            let r = run(
+                c(n),
+                status,
+                vec![step("test", StepStatus::Success, Some(0))],
+            );
+            jobs.push(record(&mut store, &r, Some(branch)));
+        }
+        store.stage(Op::Queued {
+            commit: c(11),
+            branch: None,
+            at: at(50),
+        });
+        store.commit().unwrap();
+        let reader = SqliteReader::open(dir.path()).unwrap();
+
+        let failures = reader
+            .runs(&RunFilter {
+                status: Some(RunState::Done(RunStatus::Failure)),
+                limit: 2,
+                ..RunFilter::default()
+            })
+            .unwrap();
+        assert_eq!(failures.total, 3);
+        let got: Vec<&CommitId> = failures.data.iter().map(|r| &r.commit).collect();
+        assert_eq!(got, [&c(9), &c(6)], "newest first, two per page");
+        let page2 = reader
+            .runs(&RunFilter {
+                status: Some(RunState::Done(RunStatus::Failure)),
+                limit: 2,
+                offset: 2,
+                ..RunFilter::default()
+            })
+            .unwrap();
+        assert_eq!(page2.data.len(), 1);
+        assert_eq!(page2.data[0].commit, c(3));
+
+        let dev = reader
+            .runs(&RunFilter {
+                branch: Some("dev".into()),
+                limit: 100,
+                ..RunFilter::default()
+            })
+            .unwrap();
+        assert_eq!(dev.total, 5);
+        assert!(dev.data.iter().all(|r| r.branch.as_deref() == Some("dev")));
+        let all = reader
+            .runs(&RunFilter {
+                limit: 100,
+                ..RunFilter::default()
+            })
+            .unwrap();
+        assert_eq!(all.total, 11);
+        assert_eq!(all.data[0].state, RunState::Queued);
+
+        let one = reader.run(&c(3)).unwrap().unwrap();
+        assert_eq!(one.summary.state, RunState::Done(RunStatus::Failure));
+        assert_eq!(one.attempts.len(), 1);
+        assert_eq!(one.attempts[0].job, jobs[2]);
+        assert_eq!(one.attempts[0].outcome, Outcome::Reported);
+        assert_eq!(one.attempts[0].steps[0].name, "test");
+        assert!(reader.run(&c(99)).unwrap().is_none());
+
+        let queue = reader.queue().unwrap();
+        assert_eq!(queue.len(), 1);
+        assert_eq!(queue[0].commit, c(11));
+    }
+
+    #[test]
+    fn a_damaged_or_newer_database_is_a_clear_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::results::prepare_dir(dir.path()).unwrap();
+        std::fs::write(db_path(dir.path()), vec![b'x'; 8192]).unwrap();
+        let e = SqliteStore::open(dir.path()).err().expect("refused");
+        assert!(e.to_string().contains("not a database"), "{e}");
+        assert!(!e.is_transient());
+
+        let dir = tempfile::tempdir().unwrap();
+        crate::results::prepare_dir(dir.path()).unwrap();
+        let mut store = SqliteStore::open(dir.path()).unwrap();
+        // A row no dispatcher wrote.
+        store
+            .conn
+            .execute(
+                "INSERT INTO commits (sha, queued_at, status) VALUES ('../../etc/x', 0, 'queued')",
+                [],
+            )
+            .unwrap();
+        let e = store.unfinished().unwrap_err();
+        assert!(matches!(e, StoreError::Corrupt(_)), "{e}");
+        store.conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(store);
+        let e = SqliteStore::open(dir.path()).err().expect("refused");
+        assert!(e.to_string().contains("schema version 99"), "{e}");
+    }
+}
