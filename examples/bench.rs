@@ -39,6 +39,10 @@ struct Counts {
     checkout_commits: usize,
     /// Trials of each recovery kind.
     recovery_trials: usize,
+    /// Finished runs in the database when the dispatcher's restart is timed.
+    history_runs: usize,
+    /// Timed restarts.
+    restart_trials: usize,
     /// Simulated runners (capacity and idle CPU).
     sim_runners: usize,
     /// Commits pushed through the capacity run.
@@ -57,6 +61,8 @@ impl Counts {
             large_files: 5000,
             checkout_commits: 200,
             recovery_trials: 5,
+            history_runs: 100_000,
+            restart_trials: 7,
             sim_runners: 100,
             capacity_commits: 20_000,
             submit_batch: 1000,
@@ -70,6 +76,8 @@ impl Counts {
             large_commits: 20,
             checkout_commits: 50,
             recovery_trials: 3,
+            history_runs: 20_000,
+            restart_trials: 3,
             capacity_commits: 5_000,
             idle_cpu_window: Duration::from_secs(2),
             ..Counts::full()
@@ -162,7 +170,7 @@ const PHASES: [&str; 5] = ["checkout", "pipeline", "recovery", "capacity", "idle
 /// 15 MiB, the idle RSS target, in the kB (KiB) that /proc reports.
 const IDLE_RSS_TARGET_KB: f64 = 15.0 * 1024.0;
 
-const KEYS: [&str; 17] = [
+const KEYS: [&str; 19] = [
     "checkout_small_p50_ms",
     "checkout_small_p99_ms",
     "checkout_large_p50_ms",
@@ -173,6 +181,8 @@ const KEYS: [&str; 17] = [
     "overhead_large_p50_ms",
     "kill_recovery_p50_ms",
     "stop_recovery_p50_ms",
+    "restart_ms",
+    "db_bytes_per_1000_runs",
     "dispatch_jobs_per_s",
     "assign_p99_ms",
     "dispatcher_peak_rss_kb",
@@ -258,7 +268,8 @@ fn main() -> Result<()> {
         pipeline(&bins, counts, &mut report, &mut scratch)?;
     }
     if run("recovery") {
-        eprintln!("[4/4] runner loss: kill -9 and SIGSTOP");
+        eprintln!("[4/4] dispatcher restart over a long history; runner loss: kill -9 and SIGSTOP");
+        restart(&bins, counts, &mut report, &mut scratch)?;
         recovery(&bins, counts, &mut report, &mut scratch)?;
     }
     let elapsed = started.elapsed();
@@ -273,7 +284,7 @@ fn main() -> Result<()> {
     println!("- command: `{}`", args.join(" "));
     println!("- machine: {machine}");
     println!(
-        "- temp dir: {} ({tmp_fs}); results, journals and repos live there",
+        "- temp dir: {} ({tmp_fs}); results, databases and repos live there",
         std::env::temp_dir().display()
     );
     println!(
@@ -341,14 +352,16 @@ fn retire(mut c: Cluster, scratch: &mut Vec<tempfile::TempDir>) -> Result<()> {
     Ok(())
 }
 
-const HOW: [&str; 15] = [
+const HOW: [&str; 17] = [
     "`checkout_small_*`/`checkout_large_*`: the runner's whole per-job checkout (`Workspace::prepare`: heal, fetch if missing, `git checkout --force --detach`, `git clean -ffdx`), called in process on a warm clone whose origin is a local directory, for commits that each change one file, after a fake step left an untracked file and a `__pycache__/`; small = the fixture repo, large = 5,000 files in nested dirs.",
     "`detect_p50_ms`: bench clock right after the master repo's branch moved (`git update-ref` returned, after `write-tree`/`commit-tree`) → timestamp of the dispatcher's `queued commit=<sha>` log line (observer `--poll-interval 100ms`).",
     "`overhead_fixture_p50_ms`/`_p95_ms`: dispatcher's `queued` log timestamp → the bench sees `<sha>.json` (polled every 1 ms), minus the sum of the result's `steps[].duration_ms`; fixture repo as is, one runner, commits one at a time after two warm-up jobs.",
     "`overhead_large_p50_ms`: the same on a generated repo of 5,000 files in nested dirs (step `true`), each commit changing 10 files.",
     "`kill_recovery_p50_ms`: bench clock just before `kill -9` of the runner whose step (`sleep 30`) is running → timestamp of the dispatcher's second `assigned commit=<sha>` line (the other runner).",
     "`stop_recovery_p50_ms`: the same with SIGSTOP, dispatcher `--heartbeat-interval 200ms --heartbeat-timeout 600ms`.",
-    "`dispatch_jobs_per_s`: simulated commits ÷ (first `Submit` sent → last `ResultAck` received: every result durable in the dispatcher's journal; the `<sha>.json` files follow from its writer thread, and the rate until the last of them exists is printed beside it); simulated runners answer each `Assign` with `Done` at once.",
+    "`restart_ms`: median over restarts of a dispatcher whose database holds 100,000 finished runs (built beforehand through the store, in one transaction, each with two steps; `--quick`: 20,000): bench clock just before spawning it → timestamp of its `listening` line; each start is killed with `kill -9` before the next.",
+    "`db_bytes_per_1000_runs`: size of `tinyci.db` after that history was written and the WAL checkpointed, ÷ runs × 1,000 (one attempt and two steps per run).",
+    "`dispatch_jobs_per_s`: simulated commits ÷ (first `Submit` sent → last `ResultAck` received: every result durable in the dispatcher's database; the `<sha>.json` files follow from its writer thread, and the rate until the last of them exists is printed beside it); simulated runners answer each `Assign` with `Done` at once.",
     "`assign_p99_ms`: per `Assign`, from the moment the job became assignable — its `Submit` batch acknowledged and the receiving runner free (it had sent `Done` for its previous job) — to the runner receiving it; p99 over all jobs.",
     "`dispatcher_peak_rss_kb`: `VmHWM` of the capacity run's dispatcher (fresh process) after the run.",
     "`idle_rss_kb_*`: `VmRSS` of the real dispatcher, runner and observer after the first job and 1 s idle.",
@@ -632,6 +645,7 @@ fn checkout(
         let runner = tmp.path().join("runner");
         let mut ws = tinyci::git::Workspace::open(&runner, Default::default())?;
         let mut ms = Vec::new();
+        let mut phases: Vec<(&str, Vec<f64>)> = Vec::new();
         for i in 0..counts.checkout_commits + 2 {
             let body = format!("changed by commit {i}\n");
             let (sha, _) = commit_files(
@@ -645,9 +659,15 @@ fn checkout(
             std::fs::create_dir_all(runner.join("__pycache__"))?;
             std::fs::write(runner.join("__pycache__/m.pyc"), "x")?;
             let t = Instant::now();
-            rt.block_on(ws.prepare(&sha, &cancel))?;
+            let done = rt.block_on(ws.prepare(&sha, &cancel))?;
             if i >= 2 {
                 ms.push(t.elapsed().as_secs_f64() * 1e3);
+                for (phase, took) in done.phases {
+                    match phases.iter_mut().find(|(p, _)| *p == phase) {
+                        Some((_, v)) => v.push(took.as_secs_f64() * 1e3),
+                        None => phases.push((phase, vec![took.as_secs_f64() * 1e3])),
+                    }
+                }
             }
         }
         let target = if files > 0 { 40.0 } else { 15.0 };
@@ -658,6 +678,14 @@ fn checkout(
         report.ms(p50, pct(&ms, 50.0), Some(Target::AtMost(target)));
         report.ms(p99, pct(&ms, 99.0), None);
         report.note(format!("checkout {label} ms: {}", summary(&ms)));
+        let by_phase: Vec<String> = phases
+            .iter()
+            .map(|(p, v)| format!("{p} {:.2}", pct(v, 50.0)))
+            .collect();
+        report.note(format!(
+            "checkout {label} phases, p50 ms: {}",
+            by_phase.join(", ")
+        ));
         drop(ws);
         scratch.push(tmp);
     }
@@ -922,6 +950,133 @@ fn recovery(
         summary(&stop)
     ));
     retire(c, scratch)
+}
+
+/// Times the dispatcher's start over a database with a long history of finished runs.
+fn restart(
+    bins: &Bins,
+    counts: Counts,
+    report: &mut Report,
+    scratch: &mut Vec<tempfile::TempDir>,
+) -> Result<()> {
+    let tmp = tempfile::Builder::new().prefix("tinyci-bench-").tempdir()?;
+    let results = tmp.path().join("test_results");
+    tinyci::results::prepare_dir(&results)?;
+    let n = counts.history_runs;
+    let t = Instant::now();
+    let db_bytes = build_history(&results, n)?;
+    report.note(format!(
+        "history for restart_ms: {n} finished runs written through the store in one transaction in {:.1} s",
+        t.elapsed().as_secs_f64()
+    ));
+    let mut samples = Vec::new();
+    for _ in 0..counts.restart_trials {
+        let mut cmd = Command::new(&bins.dispatcher);
+        cmd.args(["--host", "127.0.0.1", "--port", "0", "--results-dir"])
+            .arg(&results)
+            .env_remove("TINYCI_TOKEN");
+        let t0 = SystemTime::now();
+        let mut p = Proc::spawn("dispatcher", cmd)?;
+        let line = p.wait_for(&["listening", "addr="], WAIT)?;
+        samples.push(ms_between(t0, log_time(&line)?));
+        p.kill();
+    }
+    report.ms(
+        "restart_ms",
+        pct(&samples, 50.0),
+        Some(Target::AtMost(200.0)),
+    );
+    report.note(format!(
+        "restart ms with {n} finished runs in the database (spawn → `listening`): {}",
+        summary(&samples)
+    ));
+    report.int(
+        "db_bytes_per_1000_runs",
+        db_bytes * 1000 / n.max(1) as u64,
+        None,
+    );
+    report.note(format!(
+        "database of {n} runs: {:.1} MiB after a checkpoint",
+        db_bytes as f64 / (1024.0 * 1024.0)
+    ));
+    scratch.push(tmp);
+    Ok(())
+}
+
+/// Writes `n` finished runs (one attempt, two steps each; every tenth a failure) into a
+/// fresh database under `results` in one transaction, as a long-running dispatcher would
+/// have left them (result files synced). Returns the database's size after a checkpoint.
+fn build_history(results: &Path, n: usize) -> Result<u64> {
+    use tinyci::dispatcher::state::Finished;
+    use tinyci::dispatcher::store::sqlite::{db_path, SqliteStore};
+    use tinyci::dispatcher::store::{AttemptEnd, Op, Store};
+    use tinyci::proto::{JobId, StepReport, StepStatus};
+
+    let mut store = SqliteStore::open(results)?;
+    let start = SystemTime::now() - Duration::from_secs(30 * 24 * 3600);
+    let mut commits = Vec::with_capacity(n);
+    for i in 0..n {
+        let commit = CommitId::parse(&format!("4157{:036x}", i as u128))?;
+        let queued_at = start + Duration::from_millis(i as u64 * 20);
+        let started_at = queued_at + Duration::from_millis(3);
+        let job = JobId::new();
+        let failed = i % 10 == 9;
+        store.stage(Op::Queued {
+            commit: commit.clone(),
+            branch: Some("main".into()),
+            at: queued_at,
+        });
+        store.stage(Op::Assigned {
+            commit: commit.clone(),
+            job,
+            number: 1,
+            runner: format!("127.0.0.1:{}", 8900 + i % 16),
+            at: started_at,
+        });
+        store.stage(Op::Finished {
+            last: Some((job, AttemptEnd::Reported)),
+            run: Finished {
+                commit: commit.clone(),
+                status: if failed {
+                    RunStatus::Failure
+                } else {
+                    RunStatus::Success
+                },
+                steps: vec![
+                    StepReport {
+                        name: "build".into(),
+                        status: StepStatus::Success,
+                        exit_code: Some(0),
+                        duration_ms: 1200 + (i % 97) as u64,
+                    },
+                    StepReport {
+                        name: "test".into(),
+                        status: if failed {
+                            StepStatus::Failure
+                        } else {
+                            StepStatus::Success
+                        },
+                        exit_code: Some(i32::from(failed)),
+                        duration_ms: 5400 + (i % 89) as u64,
+                    },
+                ],
+                runner: Some(format!("127.0.0.1:{}", 8900 + i % 16)),
+                attempts: 1,
+                queued_at,
+                started_at: Some(started_at),
+                finished_at: started_at + Duration::from_millis(6700),
+                error: None,
+            },
+        });
+        commits.push(commit);
+    }
+    store.stage(Op::FilesDurable { commits });
+    store.commit()?;
+    store
+        .connection()
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    drop(store);
+    Ok(std::fs::metadata(db_path(results))?.len())
 }
 
 /// One trial: a slow commit, its runner signalled mid-step, the time until the dispatcher
@@ -1282,7 +1437,7 @@ fn capacity_run(bins: &Bins, counts: Counts, dir: &Path) -> Result<Capacity> {
             .count())
     };
     let files = count_files()?;
-    // A ResultAck means the result is durable (in the dispatcher's journal); its
+    // A ResultAck means the result is durable (in the dispatcher's database); its
     // <sha>.json is written right after by the dispatcher's result-writer thread. Wait
     // for every file too, and report that rate beside the key.
     let files_deadline = Instant::now() + Duration::from_secs(300);
@@ -1304,6 +1459,9 @@ fn capacity_run(bins: &Bins, counts: Counts, dir: &Path) -> Result<Capacity> {
     }
     let files_total = first_sent.elapsed().as_secs_f64();
     drop(dispatcher);
+    let state = dir.join("test_results").join(".tinyci");
+    let size = |name: &str| std::fs::metadata(state.join(name)).map_or(0, |m| m.len());
+    let (db_bytes, wal_bytes) = (size("tinyci.db"), size("tinyci.db-wal"));
     let ack_ms: Vec<f64> = batches
         .iter()
         .map(|(s, a)| (*a - *s).as_secs_f64() * 1000.0)
@@ -1329,10 +1487,16 @@ fn capacity_run(bins: &Bins, counts: Counts, dir: &Path) -> Result<Capacity> {
         ),
         format!("Submit→Submitted ms per batch: {}", summary(&ack_ms)),
         format!(
-            "every <sha>.json on disk at {files_total:.2} s: {:.0} jobs/s counting until the last result file exists (the key counts until the last ResultAck, when each result is durable in the journal)",
+            "every <sha>.json on disk at {files_total:.2} s: {:.0} jobs/s counting until the last result file exists (the key counts until the last ResultAck, when each result is durable in the database)",
             n as f64 / files_total
         ),
         format!("jobs per simulated runner: {}", summary(&per_runner)),
+        format!(
+            "database after the run: tinyci.db {:.1} MiB + WAL {:.1} MiB ({:.0} bytes per run, no steps)",
+            db_bytes as f64 / 1048576.0,
+            wal_bytes as f64 / 1048576.0,
+            (db_bytes + wal_bytes) as f64 / n as f64
+        ),
         format!("dispatcher CPU by thread during the run: {threads}"),
     ];
     Ok(Capacity {

@@ -6,7 +6,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use tinyci_proto::{Connection, ProtoError, Role};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+
+/// What a connection loop runs over: a [`TcpStream`] in the binaries (tuned by
+/// [`tune_stream`] before it is handed over), an in-memory `tokio::io::duplex` pipe in the
+/// loops' tests, where time can be paused.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
 
 /// How long a TCP connect may take before the peer counts as unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);

@@ -141,7 +141,7 @@ fn a_journal_era_results_directory_is_imported_on_first_start() -> Result<()> {
         .prepare(LAST_FAILURES)?
         .query_map([], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
-    assert_eq!(failures, [old.clone()]);
+    assert_eq!(failures, [old.as_str()]);
 
     // A restart imports nothing again and finds the history by query.
     c.restart_dispatcher()?;
@@ -216,5 +216,27 @@ fn the_database_answers_the_readme_queries_while_the_dispatcher_runs() -> Result
         .context("the run is not in the database")?;
     assert_eq!(run.attempts.len(), 1);
     assert_eq!(run.attempts[0].steps.len(), 2);
+    Ok(())
+}
+
+#[test]
+fn a_finished_commit_submitted_again_after_a_restart_is_known_not_queued() -> Result<()> {
+    let mut c = Cluster::start_ready(bins(), Opts::default())?;
+    let tip = c.master.head()?;
+    // The restarted dispatcher reads no finished history at start: only the database
+    // lookup on submission knows the tip is done.
+    c.restart_dispatcher()?;
+    let clone = c.master.clone_to(&c.tmp.path().join("fresh_observer"))?;
+    let obs = c.spawn_observer_on(&clone, &CloneSetup::default())?;
+    obs.wait_for(
+        &["submitted", "queued=0", "known=1", &format!("last={tip}")],
+        WAIT,
+    )?;
+    let logs = c.all_dispatcher_logs();
+    let queued = logs
+        .lines()
+        .filter(|l| l.contains(" queued ") && l.contains(&format!("commit={tip}")))
+        .count();
+    assert_eq!(queued, 1, "queued again after a restart");
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::io::SeekFrom;
 use std::time::Duration;
 
 use tinyci_proto::{CommitId, Connection, FromDispatcher, ProtoError, RunState, ToDispatcher};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWrite};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::oneshot;
 use tracing::debug;
 
@@ -28,7 +28,7 @@ pub const LOG_CHUNK: usize = 64 * 1024;
 const FOLLOW_RECHECK: Duration = Duration::from_secs(1);
 
 /// Serves one client until it closes, goes idle, or the dispatcher stops.
-pub(super) async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(
+pub(super) async fn serve_client<S: crate::net::Transport>(
     conn: &mut Connection<S>,
     ctx: &Ctx,
 ) -> Result<(), ProtoError> {
@@ -147,7 +147,7 @@ async fn state_of(ctx: &Ctx, commit: &CommitId) -> Result<Option<RunState>, ()> 
 
 /// Sends `commit`'s log from `offset`; with `follow`, goes on as the run writes it, until
 /// the run ends (every byte sent) or the client goes away.
-async fn follow_log<S: AsyncRead + AsyncWrite + Unpin>(
+async fn follow_log<S: crate::net::Transport>(
     conn: &mut Connection<S>,
     ctx: &Ctx,
     commit: CommitId,

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tinyci_proto::{Connection, FromDispatcher, ProtoError, Role, ToDispatcher, HANDSHAKE_TIMEOUT};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -29,6 +29,7 @@ use self::core::{Core, Event, StorageError};
 use self::store::sqlite::SqliteStore;
 use self::store::StoreError;
 use crate::lock::DirLock;
+use crate::net::Transport;
 use crate::results;
 use crate::shutdown::Shutdown;
 
@@ -117,26 +118,33 @@ pub async fn run(
     // the result files under the first one's feet. Held until `run` returns (the kernel
     // drops it if the process dies).
     let _owner = DirLock::acquire(&dir.join(results::STATE_DIR), "dispatcher")?;
-    let db_err = |source| DispatcherError::Database {
-        dir: dir.display().to_string(),
-        source,
-    };
-    let mut store = SqliteStore::open(&dir).map_err(db_err)?;
-    let unfinished = recovery::recover(&dir, &mut store).map_err(db_err)?;
-    // Clients' questions are read on a connection of their own.
-    let history = store::sqlite::SqliteReader::open(&dir).map_err(db_err)?;
-    let (changed, log_changed) = tokio::sync::watch::channel(0u64);
+    // Opening the database and recovering block: off the async workers.
     let grace = (config.heartbeat_timeout * 2).max(Duration::from_secs(6));
-    let core = Core::new(
-        dir.clone(),
-        Box::new(store),
-        Box::new(history),
-        changed,
-        config.max_attempts,
-        unfinished,
-        grace,
-    )?;
-    let (events, rx) = mpsc::sync_channel(EVENT_QUEUE);
+    let (core_dir, max_attempts) = (dir.clone(), config.max_attempts);
+    let (changed, log_changed) = tokio::sync::watch::channel(0u64);
+    let core = tokio::task::spawn_blocking(move || {
+        let db_err = |source| DispatcherError::Database {
+            dir: core_dir.display().to_string(),
+            source,
+        };
+        let mut store = SqliteStore::open(&core_dir).map_err(db_err)?;
+        let unfinished = recovery::recover(&core_dir, &mut store).map_err(db_err)?;
+        // Clients' questions are read on a connection of their own.
+        let history = store::sqlite::SqliteReader::open(&core_dir).map_err(db_err)?;
+        Core::new(
+            core_dir,
+            Box::new(store),
+            Box::new(history),
+            changed,
+            max_attempts,
+            unfinished,
+            grace,
+        )
+        .map_err(DispatcherError::from)
+    })
+    .await
+    .map_err(|_| DispatcherError::CoreDied)??;
+    let (events, rx) = event_queue();
     let core_shutdown = shutdown.clone();
     let core_thread = std::thread::Builder::new()
         .name("dispatcher-core".into())
@@ -183,6 +191,7 @@ pub async fn run(
         };
         let ctx = ctx.clone();
         let span = tracing::info_span!("conn", peer = %peer);
+        crate::net::tune_stream(&stream);
         tracker.spawn(
             async move {
                 serve(stream, peer, &ctx).await;
@@ -214,6 +223,11 @@ pub async fn run(
     }
 }
 
+/// The queue from the connections to the core, bounded by [`EVENT_QUEUE`].
+fn event_queue() -> (mpsc::SyncSender<Event>, mpsc::Receiver<Event>) {
+    mpsc::sync_channel(EVENT_QUEUE)
+}
+
 /// Hands `ev` to the core, waiting while its queue is full; `Err` once the core is gone.
 async fn feed(ctx: &Ctx, mut ev: Event) -> Result<(), ()> {
     loop {
@@ -228,8 +242,9 @@ async fn feed(ctx: &Ctx, mut ev: Event) -> Result<(), ()> {
     }
 }
 
-async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &Ctx) {
-    crate::net::tune_stream(&stream);
+/// Serves one connection (of any [`Transport`]: a tuned TCP stream, or a pipe in tests)
+/// from its hello to its end.
+async fn serve(stream: impl Transport, peer: SocketAddr, ctx: &Ctx) {
     let mut conn = Connection::new(stream);
     let role = match conn
         .accept_hello(
@@ -276,7 +291,10 @@ async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &Ctx) {
     }
 }
 
-async fn serve_observer(conn: &mut Connection<TcpStream>, ctx: &Ctx) -> Result<(), ProtoError> {
+async fn serve_observer(
+    conn: &mut Connection<impl Transport>,
+    ctx: &Ctx,
+) -> Result<(), ProtoError> {
     info!("observer connected");
     loop {
         let msg = tokio::select! {
@@ -329,7 +347,7 @@ async fn serve_observer(conn: &mut Connection<TcpStream>, ctx: &Ctx) -> Result<(
 }
 
 async fn serve_runner(
-    conn: &mut Connection<TcpStream>,
+    conn: &mut Connection<impl Transport>,
     peer: SocketAddr,
     ctx: &Ctx,
 ) -> Result<(), ProtoError> {
@@ -347,17 +365,14 @@ async fn serve_runner(
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let (reply, answer) = oneshot::channel();
-    if ctx
-        .events
-        .send(Event::RunnerJoined {
-            addr: addr.clone(),
-            held,
-            paused: paused.map(|r| truncate(r, MAX_REASON)),
-            tx,
-            reply,
-        })
-        .is_err()
-    {
+    let joined = Event::RunnerJoined {
+        addr: addr.clone(),
+        held,
+        paused: paused.map(|r| truncate(r, MAX_REASON)),
+        tx,
+        reply,
+    };
+    if feed(ctx, joined).await.is_err() {
         return Ok(());
     }
     let Ok((id, verdict)) = answer.await else {
@@ -422,7 +437,7 @@ fn truncate(mut s: String, max: usize) -> String {
 
 /// Relays between one runner and the core until the runner goes away; returns why.
 async fn runner_loop(
-    conn: &mut Connection<TcpStream>,
+    conn: &mut Connection<impl Transport>,
     ctx: &Ctx,
     id: tinyci_proto::RunnerId,
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<FromDispatcher>,
@@ -485,10 +500,7 @@ async fn runner_loop(
 }
 
 /// Tells the peer why it is being disconnected, then reports the same as an error.
-async fn refuse<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
-    conn: &mut Connection<S>,
-    reason: String,
-) -> Result<(), ProtoError> {
+async fn refuse(conn: &mut Connection<impl Transport>, reason: String) -> Result<(), ProtoError> {
     let _ = conn
         .send(&FromDispatcher::Error {
             reason: reason.clone(),
@@ -516,3 +528,6 @@ fn name(msg: &ToDispatcher) -> &'static str {
         ToDispatcher::Why { .. } => "Why",
     }
 }
+
+#[cfg(test)]
+mod conn_tests;

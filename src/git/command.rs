@@ -61,6 +61,14 @@ pub(crate) struct Git<'a> {
     pub dir: &'a Path,
     pub limits: FetchLimits,
     pub cancel: &'a CancellationToken,
+    /// The command only reads and writes this machine's files (checkout, clean, rev-list):
+    /// it is started without `PR_SET_PDEATHSIG`. Setting that needs code in the child
+    /// between fork and exec, which makes the standard library fork (copying the page
+    /// tables of this whole process, measured at +3 ms for 10 MB and +12 ms for 50 MB of
+    /// it) instead of `posix_spawn` (vfork: no copy). Such a command has nothing to wait
+    /// for, so if this process is killed with SIGKILL while it runs, it finishes on its own
+    /// moments later; cancellation, a stall and drop still kill its group as for any other.
+    pub local: bool,
 }
 
 impl Git<'_> {
@@ -109,13 +117,15 @@ impl Git<'_> {
         for var in REPO_ENV {
             cmd.env_remove(var);
         }
-        // SAFETY: runs in the forked child before exec and only calls prctl(2), which is
-        // async-signal-safe: git dies with us even if we are killed with SIGKILL.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
+        if !self.local {
+            // SAFETY: runs in the forked child before exec and only calls prctl(2), which
+            // is async-signal-safe: git dies with us even if we are killed with SIGKILL.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
         }
         let mut child = cmd.spawn().map_err(|e| GitError {
             what: what.to_owned(),
@@ -269,6 +279,7 @@ mod tests {
                 stall_timeout: Duration::from_millis(500),
             },
             cancel: &cancel,
+            local: false,
         };
         let started = std::time::Instant::now();
         let e = git
@@ -297,6 +308,7 @@ mod tests {
             dir: dir.path(),
             limits: FetchLimits::default(),
             cancel: &cancel,
+            local: false,
         };
         let started = std::time::Instant::now();
         // `git -c alias.x='!sleep 30' x` runs a shell that sleeps: a stand-in for a hung git.
@@ -320,6 +332,7 @@ mod tests {
             dir: dir.path(),
             limits: FetchLimits::default(),
             cancel: &cancel,
+            local: false,
         };
         let e = git
             .run("reading HEAD", GitErrorKind::Damaged, ["rev-parse", "HEAD"])

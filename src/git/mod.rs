@@ -131,6 +131,7 @@ pub async fn fetch_branch_tip(
         dir: path,
         limits,
         cancel,
+        local: false,
     };
     git.run(
         "fetching from origin",

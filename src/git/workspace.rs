@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use git2::Oid;
 use tinyci_proto::CommitId;
@@ -49,6 +49,9 @@ pub struct Prepared {
     pub fetched: bool,
     /// What had to be repaired first, in words for the job's log (empty when nothing).
     pub repairs: Vec<String>,
+    /// How long each phase took, in order (`heal`, `fetch`, `sweep`, `checkout`,
+    /// `objects`: the wait for the commit's objects to be linked after the checkout).
+    pub phases: Vec<(&'static str, Duration)>,
 }
 
 /// A file in `.git` that marks a clone as the runner's own: it was checked for a person's
@@ -172,22 +175,27 @@ impl Workspace {
         &self.clone.origin
     }
 
+    /// git for what may reach origin.
     fn git<'a>(&'a self, cancel: &'a CancellationToken, limits: FetchLimits) -> Git<'a> {
         Git {
             dir: &self.clone.path,
             limits,
             cancel,
+            local: false,
         }
     }
 
+    /// git for what only touches the clone (see [`Git::local`]).
     fn local<'a>(&'a self, cancel: &'a CancellationToken) -> Git<'a> {
-        self.git(
-            cancel,
-            FetchLimits {
+        Git {
+            dir: &self.clone.path,
+            limits: FetchLimits {
                 connect_timeout: LOCAL_LIMIT,
                 stall_timeout: LOCAL_LIMIT,
             },
-        )
+            cancel,
+            local: true,
+        }
     }
 
     /// Whether the origin answers (`git ls-remote`, bounded by the fetch limits).
@@ -211,12 +219,15 @@ impl Workspace {
         cancel: &CancellationToken,
     ) -> Result<Prepared, GitError> {
         let mut done = Prepared::default();
+        let started = Instant::now();
         if !self.clone.git_dir.is_dir() {
             self.reclone("its .git directory is gone", &mut done, cancel)
                 .await?;
         } else {
             self.heal(commit, &mut done).await?;
         }
+        done.phases.push(("heal", started.elapsed()));
+        let started = Instant::now();
         let attributes_changed = match self.fetch_if_missing(commit, cancel).await {
             Ok((fetched, attrs)) => {
                 done.fetched = fetched;
@@ -230,6 +241,7 @@ impl Workspace {
             }
             Err(e) => return Err(e),
         };
+        done.phases.push(("fetch", started.elapsed()));
         // Copy the commit's borrowed objects into the clone while git checks it out: the
         // two only read objects, and on two cores the copy costs no wall time.
         let securing = match &self.clone.origin {
@@ -246,14 +258,26 @@ impl Workspace {
             // attributes that apply to it changed; without an index it writes every file.
             let _ = fs::remove_file(self.clone.git_dir.join("index"));
         }
-        let mut checked_out = self.checkout(commit, cancel).await;
+        // Unless the index is the one the last checkout wrote, a directory the walk has not
+        // seen change may hold files the checkout will not remove: list them all.
+        let index_now = stamp(&self.clone.git_dir.join("index"));
+        let full = index_now.is_none() || index_now != self.index_stamp;
+        // The walk below cleans against this commit, not against the index: until a
+        // checkout of it succeeds, the next job lists every directory.
+        self.index_stamp = None;
+        let started = Instant::now();
+        let cleaned = self.tidy(commit, full, &mut done).await?;
+        done.phases.push(("sweep", started.elapsed()));
+        let started = Instant::now();
+        let mut checked_out = self.checkout(commit, !cleaned, cancel).await;
         if attributes_changed && checked_out.is_ok() {
             // Files written before their directory's new .gitattributes may have been
             // converted by the old one: once every .gitattributes on disk is the commit's,
             // write everything once more.
             let _ = fs::remove_file(self.clone.git_dir.join("index"));
-            checked_out = self.checkout(commit, cancel).await;
+            checked_out = self.checkout(commit, !cleaned, cancel).await;
         }
+        done.phases.push(("checkout", started.elapsed()));
         if let Err(first) = checked_out {
             if first.kind == GitErrorKind::Cancelled || first.origin_unreachable() {
                 return Err(first);
@@ -264,13 +288,13 @@ impl Workspace {
             let (top, git_dir) = (self.clone.path.clone(), self.clone.git_dir.clone());
             let sha = commit.clone();
             blocking(move || deep_repair(&top, &git_dir, &sha)).await?;
-            if let Err(second) = self.checkout(commit, cancel).await {
+            if let Err(second) = self.checkout(commit, true, cancel).await {
                 if second.kind == GitErrorKind::Cancelled || second.origin_unreachable() {
                     return Err(second);
                 }
                 self.reclone(&second.to_string(), &mut done, cancel).await?;
                 self.fetch_if_missing(commit, cancel).await?;
-                self.checkout(commit, cancel).await.map_err(|e| {
+                self.checkout(commit, true, cancel).await.map_err(|e| {
                     GitError::new(
                         "checking out into a fresh clone",
                         e.to_string(),
@@ -286,6 +310,7 @@ impl Workspace {
         self.control = self.read_control();
         self.index_stamp = stamp(&self.clone.git_dir.join("index"));
         self.last = Some(commit.clone());
+        let started = Instant::now();
         if let Some(task) = securing {
             tokio::select! {
                 _ = task => {}
@@ -294,6 +319,7 @@ impl Workspace {
                 }
             }
         }
+        done.phases.push(("objects", started.elapsed()));
         Ok(done)
     }
 
@@ -341,12 +367,50 @@ impl Workspace {
         }
         let index = git_dir.join("index");
         let now = stamp(&index);
-        let check_index = now.is_some() && now != self.index_stamp;
-        let (idx, top) = (index.clone(), self.clone.path.clone());
+        if now.is_some() && now != self.index_stamp {
+            let idx = index.clone();
+            if blocking(move || Ok(index_has_skipped_entries(&idx))).await? {
+                fs::remove_file(&index).map_err(io("removing the index"))?;
+                done.repairs.push(
+                    "the index had entries flagged assume-unchanged or skip-worktree; rebuilt it"
+                        .into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Walks the work tree before the checkout (see [`sweep`]) and, when it can, removes
+    /// what `git clean -ffdx` would after it. Returns whether it did: it does not on the
+    /// first job (the work tree is not known yet), for a commit with submodules or a clone
+    /// with a sparse checkout (git decides there what is tracked), or when the commit's
+    /// trees cannot be read; `git clean` runs after the checkout then.
+    async fn tidy(
+        &mut self,
+        commit: &CommitId,
+        full: bool,
+        done: &mut Prepared,
+    ) -> Result<bool, GitError> {
+        let top = self.clone.path.clone();
+        let sha = commit.clone();
+        let first = self.sweep_cache.since.is_none();
         let mut cache = std::mem::take(&mut self.sweep_cache);
-        let (swept, skips, cache) = blocking(move || {
-            let swept = sweep(&top, &mut cache);
-            Ok((swept, check_index && index_has_skipped_entries(&idx), cache))
+        let (swept, cache) = blocking(move || {
+            let repo = if first { None } else { super::open(&top).ok() };
+            let target = repo.as_ref().and_then(|repo| {
+                let sparse = repo.config().is_ok_and(|c| {
+                    c.get_bool("core.sparseCheckout").unwrap_or(false)
+                        || c.get_bool("index.sparse").unwrap_or(false)
+                });
+                let root = Oid::from_str(sha.as_str())
+                    .and_then(|oid| repo.find_commit(oid))
+                    .and_then(|c| c.tree())
+                    .ok()?;
+                let modules = root.get_name(".gitmodules").is_some();
+                (!sparse && !modules).then_some(Target { repo, root })
+            });
+            let swept = sweep(&top, &mut cache, target.as_ref(), full);
+            Ok((swept, cache))
         })
         .await?;
         self.sweep_cache = cache;
@@ -362,16 +426,7 @@ impl Workspace {
                 swept.chmodded
             ));
         }
-        {
-            if skips {
-                fs::remove_file(&index).map_err(io("removing the index"))?;
-                done.repairs.push(
-                    "the index had entries flagged assume-unchanged or skip-worktree; rebuilt it"
-                        .into(),
-                );
-            }
-        }
-        Ok(())
+        Ok(swept.clean)
     }
 
     /// Fetches from origin unless the commit is already readable. Returns whether it
@@ -474,10 +529,12 @@ impl Workspace {
         .await
     }
 
-    /// `git checkout --force --detach` + `git clean -ffdx`, and the same for submodules.
+    /// `git checkout --force --detach` + `git clean -ffdx` (unless `clean` is false: the
+    /// walk before did its work), and the same for submodules.
     async fn checkout(
         &self,
         commit: &CommitId,
+        clean: bool,
         cancel: &CancellationToken,
     ) -> Result<(), GitError> {
         let git = self.local(cancel);
@@ -494,12 +551,14 @@ impl Workspace {
             ],
         )
         .await?;
-        git.run(
-            "cleaning the work tree",
-            GitErrorKind::Damaged,
-            ["clean", "-ffdxq"],
-        )
-        .await?;
+        if clean {
+            git.run(
+                "cleaning the work tree",
+                GitErrorKind::Damaged,
+                ["clean", "-ffdxq"],
+            )
+            .await?;
+        }
         let has_modules =
             fs::symlink_metadata(self.clone.path.join(".gitmodules")).is_ok_and(|m| m.is_file());
         if has_modules {
@@ -913,6 +972,7 @@ async fn secure_objects(top: PathBuf, origin: PathBuf, commit: CommitId, stop: C
             stall_timeout: LOCAL_LIMIT,
         },
         cancel: &stop,
+        local: true,
     };
     let list = |input: String| {
         let git = &git;
@@ -1027,6 +1087,11 @@ fn link_or_copy(from: &Path, to: &Path) -> Result<(), GitError> {
 struct Swept {
     special: usize,
     chmodded: usize,
+    /// Entries removed because the commit does not have them.
+    cleaned: usize,
+    /// Whether the walk removed everything the commit does not have, so that
+    /// `git clean` has nothing left to do.
+    clean: bool,
 }
 
 /// The subdirectories of every directory at the last walk, and a time before which a
@@ -1041,17 +1106,73 @@ struct SweepCache {
 /// after a walk began from looking older than the walk.
 const CTIME_SLACK: Duration = Duration::from_millis(100);
 
+/// The commit a walk cleans against: after `git checkout --force SHA && git clean -ffdx`
+/// the work tree holds exactly the entries of its tree (no submodules, no sparse checkout:
+/// see [`Workspace::tidy`]).
+struct Target<'r> {
+    repo: &'r git2::Repository,
+    root: git2::Tree<'r>,
+}
+
+/// What the commit has at a directory's path.
+enum At<'r> {
+    /// A directory: its tree.
+    Tree(git2::Tree<'r>),
+    /// Nothing, or something that is not a directory.
+    Not,
+    /// A tree object cannot be read: nothing may be removed on its word.
+    Unknown,
+}
+
+impl<'r> Target<'r> {
+    /// The commit's entry at `rel` (relative to the top of the work tree), walked one
+    /// component at a time, so a missing path and an unreadable tree are told apart.
+    fn at(&self, rel: &Path) -> At<'r> {
+        let mut tree = self.root.clone();
+        for part in rel.iter() {
+            let id = match tree.get_name_bytes(part.as_encoded_bytes()) {
+                Some(entry) if entry.kind() == Some(git2::ObjectType::Tree) => entry.id(),
+                _ => return At::Not,
+            };
+            match self.repo.find_tree(id) {
+                Ok(t) => tree = t,
+                Err(_) => return At::Unknown,
+            }
+        }
+        At::Tree(tree)
+    }
+}
+
+/// Removes a file, a symlink or a whole directory (after giving its owner access).
+fn remove_entry(path: &Path, is_dir: bool) -> bool {
+    if is_dir {
+        remove_tree(path).is_ok()
+    } else {
+        fs::remove_file(path).is_ok()
+    }
+}
+
 /// Walks the work tree (not `.git`): removes FIFOs, sockets and device files, which git
 /// neither tracks nor cleans, and gives the owner back rwx on any directory a step took
-/// it from (git cannot clean or check out into those when not running as root).
+/// it from (git cannot clean or check out into those when not running as root). With a
+/// `target`, it also removes every entry the commit does not have — what
+/// `git clean -ffdx` after the checkout would remove (untracked and ignored files and
+/// directories, nested repositories) — and every directory where the commit has a file
+/// (`git checkout --force` would remove it), so no `git clean` process is needed.
 ///
 /// Only directories whose ctime moved since the last walk are listed again (a new entry,
 /// a removed one or a mode change moves it); the others are known by their subdirectories
-/// from the cache, so a warm walk costs one `lstat` per directory.
-fn sweep(top: &Path, cache: &mut SweepCache) -> Swept {
+/// from the cache, so a warm walk costs one `lstat` per directory. This is exact for the
+/// clean too as long as the index is the one the last checkout wrote: an unchanged
+/// directory then holds only entries of that index, which the checkout itself removes or
+/// keeps. Otherwise the caller asks for a `full` walk, which lists every directory.
+fn sweep(top: &Path, cache: &mut SweepCache, target: Option<&Target<'_>>, full: bool) -> Swept {
     use std::os::unix::fs::FileTypeExt;
     let started = SystemTime::now();
-    let mut out = Swept::default();
+    let mut out = Swept {
+        clean: target.is_some(),
+        ..Swept::default()
+    };
     let mut seen: HashMap<PathBuf, Vec<PathBuf>> = HashMap::with_capacity(cache.subdirs.len());
     let mut stack = vec![top.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -1061,7 +1182,7 @@ fn sweep(top: &Path, cache: &mut SweepCache) -> Swept {
         if !md.is_dir() {
             continue;
         }
-        let mut unchanged = cache.since.is_some_and(|since| ctime(&md) < since);
+        let mut unchanged = !full && cache.since.is_some_and(|since| ctime(&md) < since);
         if md.mode() & 0o700 != 0o700 {
             let mode = (md.mode() | 0o700) & 0o7777;
             if fs::set_permissions(&d, fs::Permissions::from_mode(mode)).is_ok() {
@@ -1077,23 +1198,75 @@ fn sweep(top: &Path, cache: &mut SweepCache) -> Swept {
         let subdirs = match known {
             Some(v) => v,
             None => {
+                let tree = match target.filter(|_| out.clean) {
+                    None => None,
+                    Some(t) => match t.at(d.strip_prefix(top).unwrap_or(Path::new(""))) {
+                        At::Tree(tree) => Some(tree),
+                        At::Not => {
+                            // A directory the commit does not have at all.
+                            if remove_entry(&d, true) {
+                                out.cleaned += 1;
+                            } else {
+                                out.clean = false;
+                            }
+                            continue;
+                        }
+                        At::Unknown => {
+                            out.clean = false;
+                            None
+                        }
+                    },
+                };
                 let mut v = Vec::new();
                 if let Ok(rd) = fs::read_dir(&d) {
                     for e in rd.flatten() {
-                        let Ok(t) = e.file_type() else { continue };
-                        if t.is_dir() {
-                            if !(d == top && e.file_name() == ".git") {
+                        let Ok(t) = e.file_type() else {
+                            out.clean = false;
+                            continue;
+                        };
+                        let name = e.file_name();
+                        if d == top && name == ".git" {
+                            continue;
+                        }
+                        if t.is_fifo() || t.is_socket() || t.is_block_device() || t.is_char_device()
+                        {
+                            if fs::remove_file(e.path()).is_ok() {
+                                out.special += 1;
+                            } else {
+                                out.clean = false;
+                            }
+                            continue;
+                        }
+                        let Some(tree) = &tree else {
+                            if t.is_dir() {
                                 v.push(e.path());
                             }
-                        } else if (t.is_fifo()
-                            || t.is_socket()
-                            || t.is_block_device()
-                            || t.is_char_device())
-                            && fs::remove_file(e.path()).is_ok()
-                        {
-                            out.special += 1;
+                            continue;
+                        };
+                        let keep = match tree.get_name_bytes(name.as_encoded_bytes()) {
+                            None => false,
+                            // A directory goes on where the commit has one; anything else
+                            // there is git's to replace.
+                            Some(entry) if entry.kind() == Some(git2::ObjectType::Tree) => {
+                                if t.is_dir() {
+                                    v.push(e.path());
+                                }
+                                true
+                            }
+                            // A submodule's directory is not git clean's either.
+                            Some(entry) if entry.kind() == Some(git2::ObjectType::Commit) => true,
+                            Some(_) => !t.is_dir(),
+                        };
+                        if !keep {
+                            if remove_entry(&e.path(), t.is_dir()) {
+                                out.cleaned += 1;
+                            } else {
+                                out.clean = false;
+                            }
                         }
                     }
+                } else {
+                    out.clean = false;
                 }
                 v
             }
@@ -1176,6 +1349,122 @@ mod tests {
         );
         assert_exact(&r, &c1);
         assert!(!r.join("dir").exists());
+    }
+
+    #[tokio::test]
+    async fn the_walk_cleans_what_git_clean_would_in_directories_it_saw_change() {
+        use std::os::unix::ffi::OsStrExt;
+        let (_tmp, m, r, _c1) = setup();
+        fs::write(m.join(".gitignore"), "*.o\n").unwrap();
+        commit(&m, "d/e/kept.txt", "kept");
+        let c2 = commit(&m, "d/file-or-dir", "a file");
+        let cancel = CancellationToken::new();
+        let mut ws = Workspace::open(&r, options()).unwrap();
+        ws.prepare(&c2, &cancel).await.unwrap();
+        assert!(
+            ws.sweep_cache.since.is_some(),
+            "the first walk fills the cache"
+        );
+        // Junk of every kind, deep in tracked directories and at the top.
+        let odd = std::ffi::OsStr::from_bytes(b"caf\xe9.tmp");
+        fs::write(r.join("d/e").join(odd), "x").unwrap();
+        fs::write(r.join("d/e/x.o"), "ignored").unwrap();
+        fs::create_dir_all(r.join("nested/.git/objects")).unwrap();
+        fs::write(r.join("nested/.git/HEAD"), "ref: refs/heads/x\n").unwrap();
+        fs::create_dir_all(r.join("d/untracked/deeper")).unwrap();
+        fs::write(r.join("d/untracked/deeper/f"), "x").unwrap();
+        fs::set_permissions(r.join("d/untracked"), fs::Permissions::from_mode(0o000)).unwrap();
+        fs::remove_file(r.join("d/file-or-dir")).unwrap();
+        fs::create_dir_all(r.join("d/file-or-dir/sub")).unwrap();
+        fs::write(r.join("d/file-or-dir/sub/f"), "x").unwrap();
+        symlink("/etc", r.join("d/etc-link")).unwrap();
+        let top = r.clone();
+        let repo = crate::git::open(&r).unwrap();
+        let root = repo
+            .find_commit(Oid::from_str(c2.as_str()).unwrap())
+            .unwrap()
+            .tree()
+            .unwrap();
+        let target = Target { repo: &repo, root };
+        let swept = sweep(&top, &mut ws.sweep_cache, Some(&target), false);
+        assert!(swept.clean);
+        assert_eq!(swept.cleaned, 6, "{swept:?}");
+        for gone in [
+            "nested",
+            "d/untracked",
+            "d/e/x.o",
+            "d/etc-link",
+            "d/file-or-dir",
+        ] {
+            assert!(
+                fs::symlink_metadata(r.join(gone)).is_err(),
+                "{gone} is left"
+            );
+        }
+        assert!(fs::symlink_metadata(r.join("d/e").join(odd)).is_err());
+        assert_eq!(fs::read_to_string(r.join("d/e/kept.txt")).unwrap(), "kept");
+        assert!(
+            r.join(".git/HEAD").is_file(),
+            "the clone's own .git is not touched"
+        );
+        drop(target);
+        ws.prepare(&c2, &cancel).await.unwrap();
+        assert_exact(&r, &c2);
+    }
+
+    #[tokio::test]
+    async fn an_index_a_step_rewrote_makes_the_walk_list_every_directory() {
+        let (_tmp, m, r, _c1) = setup();
+        commit(&m, "d/a.txt", "a");
+        let c2 = commit(&m, "d/old.txt", "old");
+        git(&m, &["rm", "-q", "d/old.txt"]);
+        git(&m, &["commit", "-qm", "remove old"]);
+        let c3 = CommitId::parse(&git(&m, &["rev-parse", "HEAD"])).unwrap();
+        let cancel = CancellationToken::new();
+        let mut ws = Workspace::open(&r, options()).unwrap();
+        ws.prepare(&c2, &cancel).await.unwrap();
+        ws.prepare(&c2, &cancel).await.unwrap();
+        // The step untracks a file: its directory does not change, the index does, and
+        // the checkout no longer removes the file.
+        git(&r, &["rm", "-q", "--cached", "d/old.txt"]);
+        assert!(r.join("d/old.txt").exists());
+        ws.prepare(&c3, &cancel).await.unwrap();
+        assert!(!r.join("d/old.txt").exists());
+        assert_exact(&r, &c3);
+    }
+
+    #[tokio::test]
+    async fn a_commit_with_submodules_is_cleaned_by_git() {
+        let (tmp, m, r, c1) = setup();
+        let sub = tmp.path().join("sub");
+        fs::create_dir(&sub).unwrap();
+        git(&sub, &["init", "-q"]);
+        commit(&sub, "s.txt", "s");
+        git(
+            &m,
+            &[
+                "-c",
+                "protocol.file.allow=always",
+                "submodule",
+                "add",
+                "-q",
+                sub.to_str().unwrap(),
+                "lib",
+            ],
+        );
+        git(&m, &["commit", "-qm", "submodule"]);
+        let c2 = CommitId::parse(&git(&m, &["rev-parse", "HEAD"])).unwrap();
+        let cancel = CancellationToken::new();
+        let mut ws = Workspace::open(&r, options()).unwrap();
+        ws.prepare(&c1, &cancel).await.unwrap();
+        ws.prepare(&c2, &cancel).await.unwrap();
+        fs::write(r.join("lib/junk"), "x").unwrap();
+        fs::write(r.join("junk"), "x").unwrap();
+        ws.prepare(&c2, &cancel).await.unwrap();
+        assert!(!r.join("lib/junk").exists());
+        assert!(!r.join("junk").exists());
+        assert_eq!(fs::read_to_string(r.join("lib/s.txt")).unwrap(), "s");
+        assert_exact(&r, &c2);
     }
 
     fn nix_mkfifo(p: &Path) {

@@ -24,6 +24,7 @@
 pub mod job;
 pub mod supervisor;
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,8 +33,8 @@ use tinyci_proto::{
     CommitId, Connection, FromDispatcher, FromRunner, GiveBackCause, HeldJob, HeldVerdict, JobId,
     ProtoError, Role, RunReport, ToDispatcher, ToRunner, HANDSHAKE_TIMEOUT,
 };
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -41,7 +42,7 @@ use tracing::{info, warn, Instrument};
 
 use self::job::{InfraFailure, JobEvent};
 use crate::git::Workspace;
-use crate::net::{self, Backoff};
+use crate::net::{self, Backoff, Transport};
 use crate::shutdown::Shutdown;
 
 /// Default cap on one job's output; the rest is discarded with a marker line.
@@ -109,6 +110,62 @@ pub fn harden_process() {
     }
 }
 
+/// What carries the runner's jobs out. [`InClone`] is the real one; the connection loop's
+/// tests put a scripted one in its place, so they need neither a clone nor steps.
+trait Work: Send + Sync + 'static {
+    /// Starts the job for `commit`: it sends output and then exactly one
+    /// [`JobEvent::Finished`] or [`JobEvent::Infra`] on `events`, and ends soon after
+    /// `cancel` is cancelled (as [`JobEvent::Infra`], [`job::STOPPED`]; or, when
+    /// `cancelled_by_client` is set, as a `cancelled` report).
+    fn start(
+        &self,
+        commit: CommitId,
+        events: UnboundedSender<JobEvent>,
+        cancel: CancellationToken,
+        cancelled_by_client: Arc<std::sync::atomic::AtomicBool>,
+    ) -> JoinHandle<()>;
+
+    /// Checks whether the origin answers again (a paused runner probes it with backoff).
+    fn probe_origin(&self, cancel: CancellationToken) -> JoinHandle<Result<(), String>>;
+}
+
+/// Jobs checked out in the runner's own clone, their steps run there ([`job::execute`]).
+struct InClone {
+    workspace: Arc<tokio::sync::Mutex<Workspace>>,
+    output_cap: u64,
+}
+
+impl Work for InClone {
+    fn start(
+        &self,
+        commit: CommitId,
+        events: UnboundedSender<JobEvent>,
+        cancel: CancellationToken,
+        cancelled_by_client: Arc<std::sync::atomic::AtomicBool>,
+    ) -> JoinHandle<()> {
+        let span = tracing::info_span!("job", commit = %commit.short());
+        tokio::spawn(
+            job::execute(
+                self.workspace.clone(),
+                commit,
+                self.output_cap,
+                events,
+                cancel,
+                cancelled_by_client,
+            )
+            .instrument(span),
+        )
+    }
+
+    fn probe_origin(&self, cancel: CancellationToken) -> JoinHandle<Result<(), String>> {
+        let ws = self.workspace.clone();
+        tokio::spawn(async move {
+            let ws = ws.lock().await;
+            ws.probe_origin(&cancel).await.map_err(|e| e.to_string())
+        })
+    }
+}
+
 /// How a job ended, as the runner will tell the dispatcher.
 enum JobEnd {
     /// The commit's verdict.
@@ -142,27 +199,15 @@ struct ActiveJob {
 }
 
 impl ActiveJob {
-    fn start(
-        config: &Config,
-        workspace: &Arc<tokio::sync::Mutex<Workspace>>,
-        id: JobId,
-        commit: CommitId,
-        parent: &Shutdown,
-    ) -> ActiveJob {
+    fn start(work: &dyn Work, id: JobId, commit: CommitId, parent: &Shutdown) -> ActiveJob {
         let (tx, events) = unbounded_channel();
         let cancel = parent.child_token();
         let cancelled_by_client = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let span = tracing::info_span!("job", commit = %commit.short());
-        let task = tokio::spawn(
-            job::execute(
-                workspace.clone(),
-                commit.clone(),
-                config.output_cap,
-                tx,
-                cancel.clone(),
-                cancelled_by_client.clone(),
-            )
-            .instrument(span),
+        let task = work.start(
+            commit.clone(),
+            tx,
+            cancel.clone(),
+            cancelled_by_client.clone(),
         );
         ActiveJob {
             id,
@@ -284,7 +329,10 @@ pub async fn run(
     if let crate::git::Origin::Local { objects, .. } = workspace.origin() {
         info!(objects = %objects.display(), "origin is local: its commits are read in place, without fetching");
     }
-    let workspace = Arc::new(tokio::sync::Mutex::new(workspace));
+    let work = Arc::new(InClone {
+        workspace: Arc::new(tokio::sync::Mutex::new(workspace)),
+        output_cap: config.output_cap,
+    });
     if leftovers > 0 {
         warn!(
             killed = leftovers,
@@ -302,22 +350,19 @@ pub async fn run(
     ));
     info!(addr = %addr, repo = %config.repo.display(), dispatcher = %config.dispatcher, drain_timeout = ?config.drain_timeout, "listening");
 
-    let mut runner = Runner {
-        config,
-        addr,
-        workspace,
-        status,
-        shutdown,
-        job: None,
-        pause: None,
-        drain_deadline: None,
-        backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
+    let (dispatcher, token) = (
+        config.dispatcher.clone(),
+        config.token.clone().unwrap_or_default(),
+    );
+    // TCP (connect timeout, keepalive, TCP_USER_TIMEOUT) stays out here, in
+    // `net::connect`; the runner's loops speak to any `Transport`.
+    let connect = move || {
+        let (dispatcher, token) = (dispatcher.clone(), token.clone());
+        async move { net::connect(&dispatcher, Role::Runner, &token).await }
     };
-    let fatal = runner.serve().await;
-    if let Some(j) = runner.job.take() {
-        info!(commit = %j.commit, "stopping the running job");
-        j.stop().await;
-    }
+    let fatal = Runner::new(config, addr, work, status, shutdown)
+        .run(connect)
+        .await;
     status_task.abort();
     info!("stopped");
     fatal.map_or(Ok(()), Err)
@@ -327,7 +372,7 @@ pub async fn run(
 struct Runner {
     config: Config,
     addr: String,
-    workspace: Arc<tokio::sync::Mutex<Workspace>>,
+    work: Arc<dyn Work>,
     status: Arc<Mutex<Status>>,
     shutdown: Shutdown,
     job: Option<ActiveJob>,
@@ -343,10 +388,51 @@ struct Runner {
 struct Stop;
 
 impl Runner {
+    fn new(
+        config: Config,
+        addr: String,
+        work: Arc<dyn Work>,
+        status: Arc<Mutex<Status>>,
+        shutdown: Shutdown,
+    ) -> Runner {
+        Runner {
+            config,
+            addr,
+            work,
+            status,
+            shutdown,
+            job: None,
+            pause: None,
+            drain_deadline: None,
+            backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
+        }
+    }
+
+    /// Serves the dispatcher through the connections `connect` makes (each one past its
+    /// hello) until the runner is to exit, then stops a job still running. Returns why if
+    /// that is an error (the dispatcher refused us for good).
+    async fn run<S, C, F>(mut self, connect: C) -> Option<RunnerError>
+    where
+        S: Transport,
+        C: FnMut() -> F,
+        F: Future<Output = Result<Connection<S>, net::NetError>>,
+    {
+        let fatal = self.serve(connect).await;
+        if let Some(j) = self.job.take() {
+            info!(commit = %j.commit, "stopping the running job");
+            j.stop().await;
+        }
+        fatal
+    }
+
     /// Connects, serves and reconnects until the runner is to exit; returns why if that is
     /// an error (the dispatcher refused us for good).
-    async fn serve(&mut self) -> Option<RunnerError> {
-        let token = self.config.token.clone().unwrap_or_default();
+    async fn serve<S, C, F>(&mut self, mut connect: C) -> Option<RunnerError>
+    where
+        S: Transport,
+        C: FnMut() -> F,
+        F: Future<Output = Result<Connection<S>, net::NetError>>,
+    {
         loop {
             if self.done_offline() {
                 return None;
@@ -358,7 +444,7 @@ impl Runner {
                     continue;
                 }
                 _ = sleep_until(self.drain_deadline) => continue,
-                res = net::connect(&self.config.dispatcher, Role::Runner, &token) => res,
+                res = connect() => res,
             };
             match conn {
                 Ok(mut conn) => {
@@ -457,7 +543,7 @@ impl Runner {
 
     /// One connection to the dispatcher: register, resend what it lacks, then serve until
     /// the connection ends (`Err`) or the runner is to exit (`Ok`).
-    async fn session(&mut self, conn: &mut Connection<TcpStream>) -> Result<Stop, ProtoError> {
+    async fn session(&mut self, conn: &mut Connection<impl Transport>) -> Result<Stop, ProtoError> {
         if let Some(j) = self.job.as_mut() {
             // Announce the job as it is now: a result that came in while we were away counts.
             if let Some(reason) = j.drain() {
@@ -577,10 +663,13 @@ impl Runner {
                         j.task.abort();
                         j.end = Some(JobEnd::GiveBack { reason: job::STOPPED.into(), cause: GiveBackCause::Withdrawn });
                     }
-                    self.flush_job(conn).await?;
+                    // A stopping runner's hand-back ends with its goodbye (in `flush_job`).
+                    if self.flush_job(conn).await? {
+                        return Ok(Stop);
+                    }
                     return self.goodbye(conn).await;
                 }
-                res = probe_tick(&mut self.pause, &self.workspace, &self.shutdown) => {
+                res = probe_tick(&mut self.pause, self.work.as_ref(), &self.shutdown) => {
                     self.probed(conn, res).await?;
                 }
                 ev = job_event(&mut self.job) => {
@@ -604,7 +693,7 @@ impl Runner {
     /// Handles one message from the dispatcher; `Some(Stop)` when the runner is to exit.
     async fn on_message(
         &mut self,
-        conn: &mut Connection<TcpStream>,
+        conn: &mut Connection<impl Transport>,
         msg: FromDispatcher,
     ) -> Result<Option<Stop>, ProtoError> {
         match msg {
@@ -625,8 +714,7 @@ impl Runner {
                     info!(commit = %commit, job = %id, "running");
                     set_status(&self.status, |s| s.commit = Some(commit.clone()));
                     self.job = Some(ActiveJob::start(
-                        &self.config,
-                        &self.workspace,
+                        self.work.as_ref(),
                         id,
                         commit,
                         &self.shutdown,
@@ -671,7 +759,7 @@ impl Runner {
     /// The outcome of a probe of the unreachable origin.
     async fn probed(
         &mut self,
-        conn: &mut Connection<TcpStream>,
+        conn: &mut Connection<impl Transport>,
         res: Result<(), String>,
     ) -> Result<(), ProtoError> {
         match res {
@@ -697,7 +785,10 @@ impl Runner {
     /// Sends the job's output the dispatcher lacks and, once it ended, its result or its
     /// hand-back. Returns `true` when the runner is to exit (a stopping runner's job was
     /// handed back).
-    async fn flush_job(&mut self, conn: &mut Connection<TcpStream>) -> Result<bool, ProtoError> {
+    async fn flush_job(
+        &mut self,
+        conn: &mut Connection<impl Transport>,
+    ) -> Result<bool, ProtoError> {
         let Some(j) = self.job.as_mut() else {
             return Ok(false);
         };
@@ -722,7 +813,7 @@ impl Runner {
     }
 
     /// The last frame of a runner that stops on purpose.
-    async fn goodbye(&mut self, conn: &mut Connection<TcpStream>) -> Result<Stop, ProtoError> {
+    async fn goodbye(&mut self, conn: &mut Connection<impl Transport>) -> Result<Stop, ProtoError> {
         info!("saying goodbye to the dispatcher");
         conn.send(&ToDispatcher::Goodbye {
             reason: STOPPING.into(),
@@ -744,7 +835,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// the runner is not paused. Cancel-safe: a probe in flight is kept in `pause`.
 async fn probe_tick(
     pause: &mut Option<Pause>,
-    workspace: &Arc<tokio::sync::Mutex<Workspace>>,
+    work: &dyn Work,
     shutdown: &Shutdown,
 ) -> Result<(), String> {
     let Some(p) = pause.as_mut() else {
@@ -752,11 +843,7 @@ async fn probe_tick(
     };
     if p.probe.is_none() {
         tokio::time::sleep_until(p.next_probe).await;
-        let (ws, cancel) = (workspace.clone(), shutdown.child_token());
-        p.probe = Some(tokio::spawn(async move {
-            let ws = ws.lock().await;
-            ws.probe_origin(&cancel).await.map_err(|e| e.to_string())
-        }));
+        p.probe = Some(work.probe_origin(shutdown.child_token()));
     }
     let res = match p.probe.as_mut() {
         Some(handle) => handle.await,
@@ -790,7 +877,7 @@ async fn job_event(job: &mut Option<ActiveJob>) -> JobEvent {
 
 /// Sends the output the dispatcher does not have yet and, once the job ended, its result
 /// or its hand-back.
-async fn flush(conn: &mut Connection<TcpStream>, j: &mut ActiveJob) -> Result<(), ProtoError> {
+async fn flush(conn: &mut Connection<impl Transport>, j: &mut ActiveJob) -> Result<(), ProtoError> {
     while j.sent < j.output.len() {
         let end = (j.sent + MAX_LOG_CHUNK).min(j.output.len());
         conn.send(&ToDispatcher::Log {
@@ -889,3 +976,6 @@ async fn serve_status(
         });
     }
 }
+
+#[cfg(test)]
+mod conn_tests;

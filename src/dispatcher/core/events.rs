@@ -122,7 +122,7 @@ impl Core {
                 branch: branch.clone(),
                 at: now,
             });
-            info!(commit = %commit, branch = branch.as_deref().unwrap_or(""), front, rerun, "queued");
+            batch.queued.push(commit);
             queued += 1;
         }
         batch
@@ -303,10 +303,13 @@ impl Core {
         if self.sched.adopt(id, held.job) {
             let log_offset = self.logs.get(&held.job).map_or(0, |s| s.written);
             info!(runner = %id, addr, commit = %held.commit, job = %held.job, log_offset, "runner re-registered with its job; adopted");
-            self.store.stage(Op::Adopted {
-                job: held.job,
-                runner: addr.to_owned(),
-            });
+            if let Some(commit) = self.sched.outstanding(&held.job).cloned() {
+                self.store.stage(Op::Adopted {
+                    commit,
+                    job: held.job,
+                    runner: addr.to_owned(),
+                });
+            }
             HeldVerdict::Adopt { log_offset }
         } else {
             if held.finished {

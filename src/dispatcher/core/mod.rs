@@ -31,7 +31,7 @@ use tracing::info;
 use self::log_sink::LogSink;
 use self::result_writer::ResultWriter;
 use super::recovery;
-use super::state::Scheduler;
+use super::state::{Assignment, Scheduler};
 use super::store::{History, Op, Store, StoreError, Unfinished};
 use crate::results::ResultFile;
 
@@ -167,8 +167,11 @@ struct Batch {
     /// The attempt and runner each reported result came from, for the log line that says
     /// it is recorded.
     reported_by: HashMap<CommitId, (JobId, RunnerId)>,
-    /// Jobs handed out: sent to their runners once recorded.
-    assigns: Vec<(RunnerId, JobId, CommitId)>,
+    /// Commits accepted: logged as `queued` once recorded.
+    queued: Vec<CommitId>,
+    /// Jobs handed out: logged as `assigned` and sent to their runners once recorded (a
+    /// line in the log is a promise the database keeps, even after a `kill -9`).
+    assigns: Vec<Assignment>,
 }
 
 impl Batch {
@@ -178,6 +181,7 @@ impl Batch {
         self.results.extend(later.results);
         self.result_acks.extend(later.result_acks);
         self.reported_by.extend(later.reported_by);
+        self.queued.extend(later.queued);
         self.assigns.extend(later.assigns);
     }
 }
@@ -337,6 +341,7 @@ impl Core {
             results,
             result_acks,
             reported_by,
+            queued,
             assigns,
         } = batch;
         self.unsynced.extend(Batch {
@@ -344,6 +349,7 @@ impl Core {
             results,
             result_acks,
             reported_by,
+            queued,
             assigns,
         });
         if let Err(e) = self.store.commit() {
@@ -363,10 +369,13 @@ impl Core {
             return Vec::new();
         }
         self.store_works();
+        let held = std::mem::take(&mut self.unsynced);
+        for commit in &held.queued {
+            info!(commit = %commit, "queued");
+        }
         for (reply, msg) in acks {
             let _ = reply.send(msg);
         }
-        let held = std::mem::take(&mut self.unsynced);
         for r in &held.results {
             match held.reported_by.get(&r.commit) {
                 Some((job, runner)) => {
@@ -383,11 +392,15 @@ impl Core {
                 let _ = tx.send(FromDispatcher::ResultAck { job, accepted });
             }
         }
-        for (runner, job, commit) in held.assigns {
-            if let Some(tx) = self.runners.get(&runner) {
+        for a in held.assigns {
+            info!(commit = %a.commit, runner = %a.runner, addr = %a.addr, attempt = a.attempt, job = %a.job, "assigned");
+            if let Some(tx) = self.runners.get(&a.runner) {
                 // If the connection task is gone, its RunnerLost event is on the way and
                 // will requeue the commit.
-                let _ = tx.send(FromDispatcher::Assign { job, commit });
+                let _ = tx.send(FromDispatcher::Assign {
+                    job: a.job,
+                    commit: a.commit,
+                });
             }
         }
         held.results
@@ -442,8 +455,7 @@ impl Core {
                 at: now,
             });
             self.logs.insert(a.job, sink);
-            info!(commit = %a.commit, runner = %a.runner, addr = %a.addr, attempt = a.attempt, job = %a.job, "assigned");
-            batch.assigns.push((a.runner, a.job, a.commit));
+            batch.assigns.push(a);
         }
     }
 

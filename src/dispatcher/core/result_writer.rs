@@ -5,9 +5,12 @@
 //! A file that cannot be written (a full disk) is retried, with backoff, until it is — no
 //! restart needed. `result written` is logged once the file is in place, never before.
 //!
-//! Files are not synced one by one. Every [`SYNC_EVERY`] the writer syncs the filesystem
-//! once and reports the commits whose files are now durable ([`ResultWriter::durable`]);
-//! the core records that, so a restart checks only the files written since.
+//! Files are not synced one by one. Once results stop coming for [`SYNC_QUIET`] (and at
+//! least every [`SYNC_MAX`] during a long burst) the writer syncs the filesystem once and
+//! reports the commits whose files are now durable ([`ResultWriter::durable`]); the core
+//! records that, so a restart checks only the files written since. Syncing only in quiet
+//! moments keeps the filesystem sync from competing with the database's own fsyncs while
+//! results pour in.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -23,8 +26,10 @@ use crate::results::{self, ResultFile};
 const RESULT_RETRY_MIN: Duration = Duration::from_millis(100);
 const RESULT_RETRY_MAX: Duration = Duration::from_secs(2);
 
-/// How often written result files are synced and reported durable.
-pub const SYNC_EVERY: Duration = Duration::from_secs(2);
+/// Written result files are synced once no new one came for this long…
+pub const SYNC_QUIET: Duration = Duration::from_secs(1);
+/// …or when the oldest unsynced one is this old.
+pub const SYNC_MAX: Duration = Duration::from_secs(30);
 
 /// The writer thread and the channels to and from it.
 pub struct ResultWriter {
@@ -66,23 +71,24 @@ impl ResultWriter {
 
 /// The writer's loop: writes what it is handed, keeps what failed and tries it again
 /// (backing off to [`RESULT_RETRY_MAX`]) until written or the channel closes; syncs what
-/// it wrote every [`SYNC_EVERY`] and reports it on `durable`.
+/// it wrote (see [`SYNC_QUIET`]) and reports it on `durable`.
 fn write_results_until_written(
     dir: &Path,
     rx: &Receiver<Vec<ResultFile>>,
     durable: &Sender<Vec<CommitId>>,
 ) {
     let mut failed: Vec<ResultFile> = Vec::new();
-    // Written, not yet synced.
+    // Written, not yet synced; when the first of them and the last were written.
     let mut written: Vec<CommitId> = Vec::new();
-    let mut last_sync = Instant::now();
+    let (mut first_written, mut last_written) = (Instant::now(), Instant::now());
     // Warned about once each, not at every retry.
     let mut warned: HashSet<CommitId> = HashSet::new();
     let mut sync_warned = false;
     let mut delay = RESULT_RETRY_MIN;
     loop {
         let retry = (!failed.is_empty()).then_some(delay);
-        let sync = (!written.is_empty()).then(|| SYNC_EVERY.saturating_sub(last_sync.elapsed()));
+        let sync_at = (last_written + SYNC_QUIET).min(first_written + SYNC_MAX);
+        let sync = (!written.is_empty()).then(|| sync_at.saturating_duration_since(Instant::now()));
         let wait = match (retry, sync) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -105,6 +111,10 @@ fn write_results_until_written(
                 Ok(()) => {
                     let retried = warned.remove(&result.commit);
                     info!(commit = %result.commit, retried, "result file written");
+                    if written.is_empty() {
+                        first_written = Instant::now();
+                    }
+                    last_written = Instant::now();
                     written.push(result.commit);
                 }
                 Err(e) => {
@@ -115,8 +125,8 @@ fn write_results_until_written(
                 }
             }
         }
-        if !written.is_empty() && (stopping || last_sync.elapsed() >= SYNC_EVERY) {
-            last_sync = Instant::now();
+        let due = last_written.elapsed() >= SYNC_QUIET || first_written.elapsed() >= SYNC_MAX;
+        if !written.is_empty() && (stopping || due) {
             match results::sync_filesystem(dir) {
                 Ok(()) => {
                     sync_warned = false;
@@ -124,11 +134,14 @@ fn write_results_until_written(
                 }
                 // Not an error of any result: the database has them, and a restart
                 // rewrites whatever the disk lost.
-                Err(e) if !sync_warned => {
-                    sync_warned = true;
-                    warn!(error = %e, "cannot sync the result files; retried");
+                Err(e) => {
+                    if !sync_warned {
+                        sync_warned = true;
+                        warn!(error = %e, "cannot sync the result files; retried");
+                    }
+                    // Not again at once.
+                    last_written = Instant::now();
                 }
-                Err(_) => {}
             }
         }
         if stopping {
@@ -209,7 +222,7 @@ mod tests {
     }
 
     #[test]
-    fn written_files_are_reported_durable_within_the_sync_period() {
+    fn written_files_are_reported_durable_once_results_stop_coming() {
         let dir = tempfile::tempdir().unwrap();
         results::prepare_dir(dir.path()).unwrap();
         let writer = ResultWriter::start(dir.path().to_owned()).unwrap();
@@ -217,7 +230,7 @@ mod tests {
             .map(|n| CommitId::parse(&format!("{n:02x}").repeat(20)).unwrap())
             .collect();
         writer.write(commits.iter().map(result).collect());
-        let deadline = Instant::now() + SYNC_EVERY * 5;
+        let deadline = Instant::now() + SYNC_QUIET * 10;
         let mut got = Vec::new();
         while got.len() < commits.len() {
             assert!(Instant::now() < deadline, "not reported durable: {got:?}");

@@ -51,6 +51,8 @@ pub enum Op {
     },
     /// A runner that registered again took over an attempt it still held.
     Adopted {
+        /// The commit.
+        commit: CommitId,
         /// The attempt.
         job: JobId,
         /// The adopting runner's address.
