@@ -231,6 +231,9 @@ pub fn state_code(state: RunState) -> u8 {
 /// The exit code for an error, after printing it.
 fn fail(e: &ClientError) -> u8 {
     eprintln!("error: {}", crate::exit::cause_chain(e));
+    if e.is_unreachable() {
+        eprintln!("hint: is the dispatcher running there? Name it with --dispatcher-server HOST:PORT or TINYCI_DISPATCHER");
+    }
     match e {
         ClientError::NotFound(_) | ClientError::Ambiguous { .. } => code::UNKNOWN,
         e if e.is_unreachable() => code::UNREACHABLE,
