@@ -391,7 +391,10 @@ fn updates(input: impl BufRead, branch: &str) -> Vec<(String, CommitId)> {
             if name != want {
                 return None;
             }
-            // A deleted branch has nothing to test.
+            // A deleted branch (new is all zeros) has nothing to test.
+            if new.bytes().all(|b| b == b'0') {
+                return None;
+            }
             let new = CommitId::parse(new).ok()?;
             Some((old.to_owned(), new))
         })

@@ -131,8 +131,8 @@ mod tests {
         assert!(!path.exists(), "the FIFO is removed with the observer");
     }
 
-    #[test]
-    fn fifos_of_dead_observers_are_removed() {
+    #[tokio::test]
+    async fn fifos_of_dead_observers_are_removed() {
         let dir = tempfile::tempdir().unwrap();
         let nd = dir.path().join(NUDGE_DIR);
         std::fs::create_dir_all(&nd).unwrap();
