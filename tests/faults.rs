@@ -203,7 +203,8 @@ fn step_ignoring_sigterm_is_killed_at_its_timeout() -> Result<()> {
 }
 
 #[test]
-fn frozen_runner_kills_its_superseded_job_when_it_wakes() -> Result<()> {
+fn frozen_runner_is_dropped_its_late_result_refused_and_its_job_killed_when_it_wakes() -> Result<()>
+{
     let c = Cluster::start_ready(
         bins(),
         Opts {
@@ -221,22 +222,44 @@ fn frozen_runner_kills_its_superseded_job_when_it_wakes() -> Result<()> {
             &hang_once_spec(&mark, "sleep 300 & sleep 301"),
         )],
     )?;
-    let (i, _) = c.wait_assigned(&sha)?;
+    let d = c.dispatcher();
+    let (i, victim) = c.wait_assigned(&sha)?;
     wait_until("the first attempt to start", WAIT, || mark.exists())?;
     c.runners[i].signal(libc::SIGSTOP);
+    d.wait_for(&["heartbeat timeout"], WAIT)?;
     let r = c.wait_result(&sha, WAIT)?;
     assert_eq!(
         (r["status"].as_str(), r["attempts"].as_u64()),
         (Some("success"), Some(2))
     );
+    assert_ne!(r["runner"], victim.as_str(), "the retry ran elsewhere");
+    let before = std::fs::read(c.json_path(&sha))?;
     assert!(
         !step_processes(&sha).is_empty(),
         "the frozen attempt's steps still run"
     );
+
+    // Resumed, the frozen runner reconnects holding its superseded attempt: the dispatcher
+    // refuses it, the runner kills its steps, and the result stays as it was.
     c.runners[i].signal(libc::SIGCONT);
+    d.wait_for(
+        &["superseded attempt refused", &format!("addr=\"{victim}\"")],
+        WAIT,
+    )?;
     c.runners[i].wait_for(&["dropping the held job"], WAIT)?;
     wait_until("the frozen attempt's group to be killed", WAIT, || {
         step_processes(&sha).is_empty()
+    })?;
+    assert_eq!(
+        std::fs::read(c.json_path(&sha))?,
+        before,
+        "result untouched"
+    );
+    // The resumed runner is back in the pool, idle.
+    c.wait_status("the resumed runner idle in the pool", |s| {
+        s.runners
+            .iter()
+            .any(|r| r.addr == victim && r.state == tinyci::proto::RunnerState::Idle)
     })?;
     Ok(())
 }

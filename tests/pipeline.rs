@@ -187,45 +187,6 @@ fn killed_runner_job_reruns_on_another_runner() -> Result<()> {
 }
 
 #[test]
-fn frozen_runner_is_dropped_and_its_late_result_refused() -> Result<()> {
-    let c = Cluster::start_ready(
-        bins(),
-        Opts {
-            runners: 2,
-            heartbeat_interval: "100ms",
-            heartbeat_timeout: "600ms",
-            ..Opts::default()
-        },
-    )?;
-    let sha = c.commit("slow", &[(".tinyci.toml", &slow_spec("1.5"))])?;
-    let d = c.dispatcher();
-    let (i, victim) = c.wait_assigned(&sha)?;
-    c.runners[i].signal(libc::SIGSTOP);
-    d.wait_for(&["heartbeat timeout"], WAIT)?;
-    let r = c.wait_result(&sha, WAIT)?;
-    assert_eq!(r["attempts"], 2, "{r}");
-    assert_ne!(r["runner"], victim.as_str());
-    let before = std::fs::read(c.json_path(&sha))?;
-
-    // Resumed, the frozen runner reconnects holding its superseded attempt (finished or
-    // not, depending on which it notices first) and the dispatcher refuses it.
-    c.runners[i].signal(libc::SIGCONT);
-    d.wait_for(
-        &["superseded attempt refused", &format!("addr=\"{victim}\"")],
-        WAIT,
-    )?;
-    c.runners[i].wait_for(&["dropping the held job"], WAIT)?;
-    assert_eq!(
-        std::fs::read(c.json_path(&sha))?,
-        before,
-        "result untouched"
-    );
-    // The resumed runner is back in the pool.
-    d.wait_for_nth(&["runner registered", &format!("addr={victim}")], 2, WAIT)?;
-    Ok(())
-}
-
-#[test]
 fn step_timeout_kills_the_whole_process_group() -> Result<()> {
     let c = Cluster::start_ready(bins(), Opts::default())?;
     let toml = spec(&[
