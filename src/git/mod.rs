@@ -319,6 +319,22 @@ pub fn get_config(path: &Path, key: &str) -> Option<String> {
     cfg.get_string(key).ok()
 }
 
+/// The commit `refs/heads/<branch>` points at in the repository at `path` (an origin on
+/// this machine, read in place: no fetch, no process).
+pub fn branch_tip(path: &Path, branch: &str) -> Result<CommitId, GitError> {
+    let repo = open(path)?;
+    let oid = repo
+        .refname_to_id(&format!("refs/heads/{branch}"))
+        .map_err(|e| {
+            GitError::new(
+                format!("reading branch {branch} of {}", path.display()),
+                e.message(),
+                GitErrorKind::NotFound,
+            )
+        })?;
+    commit_id(oid)
+}
+
 /// The commits after `since` up to and including `tip`, oldest first, at most `max`.
 ///
 /// When `since` is not an ancestor of `tip` (history was rewritten), only `tip` is returned:

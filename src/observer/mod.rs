@@ -136,6 +136,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), ObserverError
         git::Origin::Remote { .. } => None,
     };
     let cancel = shutdown.child_token();
+    let local_origin: Option<PathBuf> = match &clone.origin {
+        git::Origin::Local { objects, .. } => objects.parent().map(Path::to_path_buf),
+        git::Origin::Remote { .. } => None,
+    };
+    let mut fetched_tip: Option<CommitId> = None;
     let mut failures = Backoff::default();
     let mut tick = tokio::time::interval(config.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -153,25 +158,33 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), ObserverError
                 tick.reset();
             }
         }
-        let (new_base, pending) =
-            match poll(&clone.path, &branch, base.clone(), config.limits, &cancel).await {
-                Ok(pair) => {
-                    failures.reset();
-                    pair
+        let polled = poll(
+            &clone.path,
+            local_origin.as_deref(),
+            &branch,
+            base.clone(),
+            config.limits,
+            &cancel,
+        )
+        .await;
+        let (new_base, pending, tip) = match polled {
+            Ok(found) => {
+                failures.reset();
+                found
+            }
+            Err(e) if e.kind == git::GitErrorKind::Cancelled => return Ok(()),
+            Err(e) => {
+                // Origin unreachable or the branch missing: say so, and back off so a dead
+                // origin is not hammered (and the log not flooded) once per poll.
+                let delay = failures.next_delay().max(config.poll_interval);
+                warn!(error = %e, retry_in = ?delay, "poll failed; will try again");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
                 }
-                Err(e) if e.kind == git::GitErrorKind::Cancelled => return Ok(()),
-                Err(e) => {
-                    // Origin unreachable or the branch missing: say so, and back off so a dead
-                    // origin is not hammered (and the log not flooded) once per poll.
-                    let delay = failures.next_delay().max(config.poll_interval);
-                    warn!(error = %e, retry_in = ?delay, "poll failed; will try again");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    continue;
-                }
-            };
+                continue;
+            }
+        };
         base = new_base;
         for batch in pending.chunks(MAX_BATCH) {
             let Some(acked) = link
@@ -193,6 +206,16 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), ObserverError
             }
             base = Base::Acked(last);
         }
+        // A local origin was read in place: bring the clone's view of the branch up to
+        // date once the commits are on their way (a failure here costs nothing but a
+        // stale remote-tracking ref, and is retried at the next move).
+        if local_origin.is_some() && fetched_tip.as_ref() != Some(&tip) {
+            match git::fetch_branch_tip(&clone.path, &branch, config.limits, &cancel).await {
+                Ok(_) => fetched_tip = Some(tip),
+                Err(e) if e.kind == git::GitErrorKind::Cancelled => return Ok(()),
+                Err(e) => warn!(error = %e, "cannot update the clone from its origin"),
+            }
+        }
     }
 }
 
@@ -200,29 +223,57 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), ObserverError
 /// lead to.
 async fn poll(
     repo: &Path,
+    local_origin: Option<&Path>,
     branch: &str,
     base: Base,
     limits: git::FetchLimits,
     cancel: &tokio_util::sync::CancellationToken,
-) -> Result<(Base, Vec<CommitId>), GitError> {
-    let tip = git::fetch_branch_tip(repo, branch, limits, cancel).await?;
-    let repo = repo.to_path_buf();
-    tokio::task::spawn_blocking(move || -> Result<_, GitError> {
+) -> Result<(Base, Vec<CommitId>, CommitId), GitError> {
+    // An origin on this machine is read in place: its branch and history are there, and a
+    // `git fetch` (a process, a negotiation) would only add its tens of milliseconds to
+    // every commit's way to the dispatcher. The clone is brought up to date after the
+    // commits are submitted. Anything else is fetched first.
+    let local = match local_origin {
+        Some(origin) => {
+            let (o, b) = (origin.to_path_buf(), branch.to_owned());
+            match tokio::task::spawn_blocking(move || git::branch_tip(&o, &b)).await {
+                Ok(Ok(tip)) => Some((tip, origin.to_path_buf())),
+                // Not readable in place (a ref format libgit2 does not read, a race with a
+                // repack…): fetch as for a remote origin.
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "cannot read the origin in place; fetching");
+                    None
+                }
+                Err(_) => None,
+            }
+        }
+        None => None,
+    };
+    let (tip, history) = match local {
+        Some(pair) => pair,
+        None => (
+            git::fetch_branch_tip(repo, branch, limits, cancel).await?,
+            repo.to_path_buf(),
+        ),
+    };
+    let seen = tip.clone();
+    let (base, commits) = tokio::task::spawn_blocking(move || -> Result<_, GitError> {
         Ok(match base {
             Base::Fresh => (Base::Unacked(tip.clone()), vec![tip]),
             Base::Unacked(first) => {
                 let mut v = vec![first.clone()];
-                v.extend(git::commits_between(&repo, &first, &tip, MAX_PER_POLL)?);
+                v.extend(git::commits_between(&history, &first, &tip, MAX_PER_POLL)?);
                 (Base::Unacked(first), v)
             }
             Base::Acked(last) => {
-                let v = git::commits_between(&repo, &last, &tip, MAX_PER_POLL)?;
+                let v = git::commits_between(&history, &last, &tip, MAX_PER_POLL)?;
                 (Base::Acked(last), v)
             }
         })
     })
     .await
-    .unwrap_or_else(|e| Err(GitError::task_failed(e)))
+    .unwrap_or_else(|e| Err(GitError::task_failed(e)))?;
+    Ok((base, commits, seen))
 }
 
 /// The connection to the dispatcher, made and remade on demand with backoff.
