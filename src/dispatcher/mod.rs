@@ -99,12 +99,24 @@ struct Ctx {
     warned_unchecked_token: std::sync::atomic::AtomicBool,
     /// Changes after every batch of the core: log followers wait on it.
     log_changed: tokio::sync::watch::Receiver<u64>,
+    /// What `/metrics` counts of the runners' events, when HTTP is served.
+    counters: Option<Arc<crate::http::metrics::Counters>>,
 }
 
-/// Serves on `listener` until `shutdown` is cancelled (or storage fails).
+/// Where and how to serve HTTP (`dispatcher --http ADDR`).
+pub struct Http {
+    /// The bound listener.
+    pub listener: TcpListener,
+    /// Its settings.
+    pub config: crate::http::Config,
+}
+
+/// Serves on `listener` (and HTTP on `http`'s, if given) until `shutdown` is cancelled (or
+/// storage fails).
 pub async fn run(
     listener: TcpListener,
     config: Config,
+    http: Option<Http>,
     shutdown: Shutdown,
 ) -> Result<(), DispatcherError> {
     let dir = config.results_dir.clone();
@@ -127,9 +139,16 @@ pub async fn run(
     let history = store::sqlite::SqliteReader::open(&dir).map_err(db_err)?;
     let (changed, log_changed) = tokio::sync::watch::channel(0u64);
     let grace = (config.heartbeat_timeout * 2).max(Duration::from_secs(6));
+    let counters = http
+        .as_ref()
+        .map(|_| Arc::new(crate::http::metrics::Counters::default()));
+    let store: Box<dyn store::Store + Send> = match &counters {
+        Some(c) => Box::new(crate::http::metrics::CountingStore::new(store, c.clone())),
+        None => Box::new(store),
+    };
     let core = Core::new(
         dir.clone(),
-        Box::new(store),
+        store,
         Box::new(history),
         changed,
         config.max_attempts,
@@ -155,10 +174,31 @@ pub async fn run(
         config,
         shutdown: shutdown.clone(),
         warned_unchecked_token: std::sync::atomic::AtomicBool::new(false),
-        log_changed,
+        log_changed: log_changed.clone(),
+        counters: counters.clone(),
     });
     let addr = listener.local_addr().map_err(open_err)?;
     info!(addr = %addr, results = %dir.display(), "listening");
+    let http_task = match (http, counters) {
+        (Some(http), Some(counters)) => {
+            let handle = crate::http::CoreHandle {
+                events: events.clone(),
+                log_changed,
+                results_dir: dir.clone(),
+                token: ctx.config.token.clone(),
+                counters,
+            };
+            let shutdown = shutdown.clone();
+            Some(tokio::spawn(async move {
+                if let Err(e) =
+                    crate::http::serve(http.listener, http.config, handle, shutdown).await
+                {
+                    warn!(error = %e, "the http server stopped");
+                }
+            }))
+        }
+        _ => None,
+    };
 
     let tracker = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -199,6 +239,10 @@ pub async fn run(
     {
         warn!("some connections did not finish in time");
     }
+    if let Some(task) = http_task {
+        // It caps its own drain; it holds a sender of the core's queue until it ends.
+        let _ = task.await;
+    }
     let mut pending = Some(Event::Shutdown);
     while let Some(ev) = pending.take() {
         if let Err(mpsc::TrySendError::Full(ev)) = events.try_send(ev) {
@@ -216,6 +260,9 @@ pub async fn run(
 
 /// Hands `ev` to the core, waiting while its queue is full; `Err` once the core is gone.
 async fn feed(ctx: &Ctx, mut ev: Event) -> Result<(), ()> {
+    if let Some(c) = &ctx.counters {
+        c.observe(&ev);
+    }
     loop {
         match ctx.events.try_send(ev) {
             Ok(()) => return Ok(()),
