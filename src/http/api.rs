@@ -3,7 +3,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -15,7 +15,7 @@ use tinyci_proto::{
 use tokio::sync::oneshot;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
-use super::{full_commit, ApiError, App, ErrorBody};
+use super::{full_commit, ApiError, App, ErrorBody, Q};
 use crate::dispatcher::core::Event;
 
 /// The most runs one page lists (the core caps it too).
@@ -299,7 +299,7 @@ pub(crate) async fn page(app: &App, q: RunQuery) -> Result<(u64, Vec<RunSummary>
     responses((status = 200, body = RunPage), (status = 400, body = ErrorBody)))]
 pub(crate) async fn runs(
     State(app): State<App>,
-    Query(p): Query<RunsParams>,
+    Q(p): Q<RunsParams>,
 ) -> Result<Json<RunPage>, ApiError> {
     let (total, runs) = page(&app, run_query(&p)?).await?;
     Ok(Json(RunPage {
@@ -355,7 +355,7 @@ pub(crate) async fn runners(State(app): State<App>) -> Result<Json<Vec<Runner>>,
 pub(crate) async fn submit(
     State(app): State<App>,
     Path(sha): Path<String>,
-    Query(p): Query<SubmitParams>,
+    Q(p): Q<SubmitParams>,
     headers: HeaderMap,
 ) -> Result<(StatusCode, Json<Submitted>), ApiError> {
     app.authorize(&headers)?;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -28,7 +28,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::api::Run;
 use super::live::{self, Snapshot};
-use super::{ApiError, App, ErrorBody};
+use super::{ApiError, App, ErrorBody, Q};
 use crate::results;
 
 /// The most log bytes read (and sent) at once.
@@ -36,9 +36,6 @@ const CHUNK: usize = 64 * 1024;
 
 /// A follower looks at the file this often even without a notification (a safety net).
 const RECHECK: Duration = Duration::from_secs(1);
-
-/// A keep-alive comment on event streams this often (well within the idle timeout).
-const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// Resolves a path segment to a commit: a full id as is, a prefix through the core.
 async fn commit_of(app: &App, sha: &str) -> Result<CommitId, ApiError> {
@@ -203,7 +200,7 @@ fn truthy(v: Option<&str>) -> bool {
 pub(crate) async fn raw_log(
     State(app): State<App>,
     Path(sha): Path<String>,
-    Query(p): Query<LogParams>,
+    Q(p): Q<LogParams>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let commit = commit_of(&app, &sha).await?;
@@ -346,7 +343,7 @@ fn json_event(kind: &'static str, data: &impl Serialize) -> SseEvent {
               (status = 404, body = ErrorBody)))]
 pub(crate) async fn events(
     State(app): State<App>,
-    Query(p): Query<EventsParams>,
+    Q(p): Q<EventsParams>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let mut resp = match p.run.as_deref() {
@@ -360,11 +357,11 @@ pub(crate) async fn events(
                 .unwrap_or(0);
             let html = truthy(p.html.as_deref());
             Sse::new(run_events(&app, commit, offset, html))
-                .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+                .keep_alive(KeepAlive::new().interval(app.keep_alive))
                 .into_response()
         }
         None => Sse::new(live_events(&app).await?)
-            .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+            .keep_alive(KeepAlive::new().interval(app.keep_alive))
             .into_response(),
     };
     resp.headers_mut()

@@ -41,6 +41,9 @@ pub const MAX_CONNECTIONS: usize = 4096;
 /// follower is sent a keep-alive comment well within it).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How often an event stream sends a keep-alive comment, at most.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
 /// How long a (non-streaming) request may take before it is answered with 503.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -92,6 +95,8 @@ pub(crate) struct Inner {
     core: CoreHandle,
     shutdown: Shutdown,
     live: watch::Sender<Arc<live::Snapshot>>,
+    /// How often an event stream sends a keep-alive comment: well within the idle timeout.
+    keep_alive: Duration,
 }
 
 impl std::ops::Deref for App {
@@ -332,6 +337,7 @@ pub async fn serve(
         core,
         shutdown: shutdown.clone(),
         live,
+        keep_alive: (config.idle_timeout / 3).clamp(Duration::from_millis(100), KEEP_ALIVE),
     }));
     let refresher = tokio::spawn(live::refresh(app.clone()));
     let listener = listener::Capped::new(listener, config.max_connections, config.idle_timeout);
@@ -350,4 +356,25 @@ pub async fn serve(
     };
     refresher.abort();
     res
+}
+
+/// `Query<T>` whose rejection is a JSON 400 like every other error.
+pub(crate) struct Q<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for Q<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Q(v)),
+            Err(e) => Err(ApiError::BadRequest(e.body_text())),
+        }
+    }
 }

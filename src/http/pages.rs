@@ -3,7 +3,7 @@
 //! brought up to date by a few lines of plain JavaScript over `/events`. Without
 //! JavaScript they show the state as of loading. Also the status badge.
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{header, HeaderValue};
 use axum::response::{Html, IntoResponse, Response};
 use maud::{html, Markup, PreEscaped, DOCTYPE};
@@ -14,7 +14,7 @@ use utoipa::IntoParams;
 
 use super::api::{page, rfc3339_ms, step_word};
 use super::log::line_html;
-use super::{ApiError, App};
+use super::{ApiError, App, Q};
 use crate::client::cli::{ago, human_duration};
 use crate::results;
 
@@ -294,7 +294,7 @@ const BADGE_SCAN: u32 = 200;
     responses((status = 200, description = "an SVG badge", content_type = "image/svg+xml")))]
 pub(crate) async fn badge(
     State(app): State<App>,
-    Query(p): Query<BadgeParams>,
+    Q(p): Q<BadgeParams>,
 ) -> Result<Response, ApiError> {
     let branch = p.branch.filter(|b| !b.is_empty());
     let (_, runs) = page(
