@@ -6,10 +6,10 @@
 mod http_common;
 mod support;
 
-use std::collections::BTreeSet;
 use anyhow::{Context, Result};
 use http_common::*;
 use serde_json::Value;
+use std::collections::BTreeSet;
 use support::*;
 
 const TOKEN: &str = "s3cret-token";
@@ -71,8 +71,19 @@ fn api_answers_with_documented_shapes_codes_token_and_ranges() -> Result<()> {
     assert_eq!(
         keys(&run),
         [
-            "id", "status", "branch", "failed_steps", "queued_at", "finished_at", "attempts",
-            "steps", "runner", "started_at", "error", "log_bytes", "attempt_history"
+            "id",
+            "status",
+            "branch",
+            "failed_steps",
+            "queued_at",
+            "finished_at",
+            "attempts",
+            "steps",
+            "runner",
+            "started_at",
+            "error",
+            "log_bytes",
+            "attempt_history"
         ]
         .iter()
         .map(|s| s.to_string())
@@ -88,10 +99,18 @@ fn api_answers_with_documented_shapes_codes_token_and_ranges() -> Result<()> {
     assert_eq!(runs["total"], 1);
     assert_eq!(
         keys(&runs["data"][0]),
-        ["id", "status", "branch", "failed_steps", "queued_at", "finished_at", "attempts"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        [
+            "id",
+            "status",
+            "branch",
+            "failed_steps",
+            "queued_at",
+            "finished_at",
+            "attempts"
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     );
     assert_eq!(runs["data"][0]["id"], sha.as_str());
     assert_eq!(w.get_json("/runs?status=success")?.1["total"], 1);
@@ -151,7 +170,10 @@ fn api_answers_with_documented_shapes_codes_token_and_ranges() -> Result<()> {
     ] {
         let r = ranged(&huge)?;
         assert_eq!(r.status().as_u16(), 416, "{huge}");
-        assert_eq!(r.headers()["content-range"].to_str()?, format!("bytes */{len}"));
+        assert_eq!(
+            r.headers()["content-range"].to_str()?,
+            format!("bytes */{len}")
+        );
     }
 
     // The run's page escapes the log, renders its colours and numbers its lines.
@@ -161,7 +183,10 @@ fn api_answers_with_documented_shapes_codes_token_and_ranges() -> Result<()> {
         .header("accept", "text/html")
         .send()?
         .text()?;
-    assert!(page.contains("hello &lt;b&gt;bold&lt;/b&gt; &amp;"), "{page}");
+    assert!(
+        page.contains("hello &lt;b&gt;bold&lt;/b&gt; &amp;"),
+        "{page}"
+    );
     assert!(!page.contains("<b>bold</b>"), "{page}");
     assert!(page.contains("color:var(--red"), "{page}");
     assert!(page.contains(r##"id="L2""##) && page.contains(r##"href="#L2""##));
@@ -183,12 +208,18 @@ fn api_answers_with_documented_shapes_codes_token_and_ranges() -> Result<()> {
         "tinyci_attempts_ended_total{outcome=\"reported\"} 1",
         "tinyci_run_duration_seconds_count 1",
     ] {
-        assert!(metrics.contains(needle), "{needle} missing from:\n{metrics}");
+        assert!(
+            metrics.contains(needle),
+            "{needle} missing from:\n{metrics}"
+        );
     }
 
     // Two commits that share a prefix (made up: nothing needs to check them out) make
     // the prefix ambiguous; cancelling them needs the token too.
-    let (a, b) = ("abcd".to_owned() + &"0".repeat(36), "abcd".to_owned() + &"1".repeat(36));
+    let (a, b) = (
+        "abcd".to_owned() + &"0".repeat(36),
+        "abcd".to_owned() + &"1".repeat(36),
+    );
     assert_eq!(post(&format!("/run/{a}?front=true"), Some(TOKEN))?.0, 202);
     assert_eq!(post(&format!("/run/{b}"), Some(TOKEN))?.0, 202);
     let (code, v) = w.get_json("/run/abcd")?;
@@ -196,7 +227,10 @@ fn api_answers_with_documented_shapes_codes_token_and_ranges() -> Result<()> {
     assert_eq!(v["candidates"].as_array().map(Vec::len), Some(2), "{v}");
     let (code, v) = post(&format!("/run/{b}/cancel"), Some(TOKEN))?;
     assert_eq!(code, 200, "{v}");
-    assert!(["queued", "running", "error", "cancelled"].contains(&v["was"].as_str().unwrap_or("")), "{v}");
+    assert!(
+        ["queued", "running", "error", "cancelled"].contains(&v["was"].as_str().unwrap_or("")),
+        "{v}"
+    );
     let (code, _) = post(&format!("/run/{}/cancel", "e".repeat(40)), Some(TOKEN))?;
     assert_eq!(code, 404);
 
@@ -225,10 +259,20 @@ fn api_answers_with_documented_shapes_codes_token_and_ranges() -> Result<()> {
     let (code, doc) = w.get_json("/openapi.json")?;
     assert_eq!(code, 200);
     for path in [
-        "/runs", "/run/{sha}", "/run/{sha}/log", "/run/{sha}/cancel", "/queue", "/runners",
-        "/events", "/metrics", "/badge.svg",
+        "/runs",
+        "/run/{sha}",
+        "/run/{sha}/log",
+        "/run/{sha}/cancel",
+        "/queue",
+        "/runners",
+        "/events",
+        "/metrics",
+        "/badge.svg",
     ] {
-        assert!(doc["paths"][path].is_object(), "{path} missing from the OpenAPI document");
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from the OpenAPI document"
+        );
     }
     let docs = w.http.get(w.url("/docs/")).send()?;
     assert_eq!(docs.status().as_u16(), 200);
@@ -272,7 +316,8 @@ fn events_resume_after_the_last_offset_without_a_line_twice() -> Result<()> {
         },
         &[],
     )?;
-    let sha = w.c.commit("slow", &[(".tinyci.toml", &slow_lines_step(30, "0.1"))])?;
+    let sha =
+        w.c.commit("slow", &[(".tinyci.toml", &slow_lines_step(30, "0.1"))])?;
 
     // The live stream (the page's) and a followed raw log, both opened before the run.
     let base = w.base.clone();

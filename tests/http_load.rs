@@ -20,7 +20,9 @@ const IDLE_STREAMS: usize = 1000;
 /// Opens a connection and sends `GET path`, reading nothing.
 fn raw_get(addr: SocketAddr, path: &str) -> Result<TcpStream> {
     let mut s = TcpStream::connect_timeout(&addr, WAIT)?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n").as_bytes())?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n").as_bytes(),
+    )?;
     Ok(s)
 }
 
@@ -32,11 +34,17 @@ fn read_until(s: &mut TcpStream, needle: &str, within: Duration) -> Result<Strin
     let deadline = Instant::now() + within;
     while !String::from_utf8_lossy(&got).contains(needle) {
         if Instant::now() > deadline {
-            bail!("{needle:?} not seen within {within:?}; got {:?}", String::from_utf8_lossy(&got));
+            bail!(
+                "{needle:?} not seen within {within:?}; got {:?}",
+                String::from_utf8_lossy(&got)
+            );
         }
         let n = s.read(&mut buf)?;
         if n == 0 {
-            bail!("closed before {needle:?}; got {:?}", String::from_utf8_lossy(&got));
+            bail!(
+                "closed before {needle:?}; got {:?}",
+                String::from_utf8_lossy(&got)
+            );
         }
         got.extend_from_slice(&buf[..n]);
     }
@@ -55,8 +63,8 @@ fn timed_get(w: &Web, path: &str) -> Result<Duration> {
 }
 
 #[test]
-fn idle_streams_a_reader_that_never_reads_and_excess_connections_cost_only_themselves(
-) -> Result<()> {
+fn idle_streams_a_reader_that_never_reads_and_excess_connections_cost_only_themselves() -> Result<()>
+{
     let idle_timeout = Duration::from_secs(2);
     let w = start(
         Bins::for_tests(),
@@ -127,7 +135,10 @@ fn idle_streams_a_reader_that_never_reads_and_excess_connections_cost_only_thems
         }
         extra.push(s);
     }
-    assert!(refused >= 10, "only {refused} connections past the cap were refused");
+    assert!(
+        refused >= 10,
+        "only {refused} connections past the cap were refused"
+    );
     drop(extra);
     // Their places come back once they are gone.
     wait_until("the server answering again", WAIT, || {
@@ -156,7 +167,9 @@ fn idle_streams_a_reader_that_never_reads_and_excess_connections_cost_only_thems
             Ok(0) => break,
             Ok(n) => total += n,
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            Err(e) => bail!("the stuck reader's connection was not closed: {e} after {total} bytes"),
+            Err(e) => {
+                bail!("the stuck reader's connection was not closed: {e} after {total} bytes")
+            }
         }
     }
     assert!(

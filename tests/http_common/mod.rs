@@ -189,11 +189,13 @@ impl<R: Read> SseReader<R> {
     }
 }
 
-/// A step that prints `n` numbered lines, one every `gap` seconds.
+/// A step that prints `n` numbered lines (in colour), one every `gap` seconds.
 pub fn slow_lines_step(n: u32, gap: &str) -> String {
     spec(&[(
         "lines",
-        &format!("for i in $(seq 1 {n}); do echo \"line $i\"; sleep {gap}; done"),
+        &format!(
+            "for i in $(seq 1 {n}); do printf '\\033[32mline %s\\033[0m ok <i>&</i>\\n' $i; sleep {gap}; done"
+        ),
         "60s",
     )])
 }
