@@ -151,17 +151,30 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn main() -> Result<()> {
     let a = args()?;
     let bins = Bins::beside_current_exe()?;
-    let tmp = tempfile::Builder::new().prefix("tinyci-http-bench-").tempdir()?;
+    let tmp = tempfile::Builder::new()
+        .prefix("tinyci-http-bench-")
+        .tempdir()?;
     let results = tmp.path().join("results");
     let t = Instant::now();
     fill_history(&results, a.runs)?;
-    println!("history: {} runs written in {:.1} s", a.runs, t.elapsed().as_secs_f64());
+    println!(
+        "history: {} runs written in {:.1} s",
+        a.runs,
+        t.elapsed().as_secs_f64()
+    );
 
     let mut cmd = Command::new(&bins.dispatcher);
-    cmd.args(["--host", "127.0.0.1", "--port", "0", "--http", "127.0.0.1:0"])
-        .arg("--results-dir")
-        .arg(&results)
-        .env_remove("TINYCI_TOKEN");
+    cmd.args([
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--http",
+        "127.0.0.1:0",
+    ])
+    .arg("--results-dir")
+    .arg(&results)
+    .env_remove("TINYCI_TOKEN");
     let p = Proc::spawn("dispatcher", cmd)?;
     let line = p.wait_for(&["listening", "results="], WAIT)?;
     let addr = field(&line, "addr").context("dispatcher address")?;
@@ -219,10 +232,7 @@ async fn main() -> Result<()> {
     let mut latencies = Vec::new();
     for i in 0..a.events {
         let commit = sha(a.runs + 10 + i);
-        let r = http
-            .post(format!("{base}/run/{commit}"))
-            .send()
-            .await?;
+        let r = http.post(format!("{base}/run/{commit}")).send().await?;
         if r.status().as_u16() != 202 {
             bail!("submit: {}", r.status());
         }

@@ -277,6 +277,18 @@ fn api_answers_with_documented_shapes_codes_token_and_ranges() -> Result<()> {
     let docs = w.http.get(w.url("/docs/")).send()?;
     assert_eq!(docs.status().as_u16(), 200);
     assert!(docs.text()?.to_lowercase().contains("swagger"));
+
+    // A runner that dies is an infrastructure failure, counted by reason.
+    let mut w = w;
+    w.c.runners[0].kill();
+    let needle = "tinyci_infrastructure_failures_total{reason=\"runner_lost\"} 1";
+    wait_until("the lost runner counted", WAIT, || {
+        w.http
+            .get(w.url("/metrics"))
+            .send()
+            .and_then(|r| r.text())
+            .is_ok_and(|m| m.contains(needle) && m.contains("tinyci_runners{state=\"idle\"} 0"))
+    })?;
     Ok(())
 }
 

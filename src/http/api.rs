@@ -295,7 +295,7 @@ pub(crate) async fn page(app: &App, q: RunQuery) -> Result<(u64, Vec<RunSummary>
 }
 
 /// The runs, newest first.
-#[utoipa::path(get, path = "/runs", params(RunsParams),
+#[utoipa::path(get, tag = "tinyci", path = "/runs", params(RunsParams),
     responses((status = 200, body = RunPage), (status = 400, body = ErrorBody)))]
 pub(crate) async fn runs(
     State(app): State<App>,
@@ -317,7 +317,7 @@ fn wants_html(headers: &HeaderMap) -> bool {
 }
 
 /// One run, by id or unique prefix: JSON, or the run's page for a browser.
-#[utoipa::path(get, path = "/run/{sha}",
+#[utoipa::path(get, tag = "tinyci", path = "/run/{sha}",
     params(("sha" = String, Path, description = "a commit id or a unique prefix of one (4+ hex digits)")),
     responses((status = 200, body = RunFull), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub(crate) async fn run(
@@ -333,14 +333,14 @@ pub(crate) async fn run(
 }
 
 /// The queue, next first, with why each commit waits.
-#[utoipa::path(get, path = "/queue", responses((status = 200, body = Vec<Waiting>)))]
+#[utoipa::path(get, tag = "tinyci", path = "/queue", responses((status = 200, body = Vec<Waiting>)))]
 pub(crate) async fn queue(State(app): State<App>) -> Result<Json<Vec<Waiting>>, ApiError> {
     let s = app.status().await?;
     Ok(Json(s.queue.iter().map(Waiting::from).collect()))
 }
 
 /// The registered runners.
-#[utoipa::path(get, path = "/runners", responses((status = 200, body = Vec<Runner>)))]
+#[utoipa::path(get, tag = "tinyci", path = "/runners", responses((status = 200, body = Vec<Runner>)))]
 pub(crate) async fn runners(State(app): State<App>) -> Result<Json<Vec<Runner>>, ApiError> {
     let s = app.status().await?;
     Ok(Json(s.runners.iter().map(Runner::from).collect()))
@@ -348,7 +348,7 @@ pub(crate) async fn runners(State(app): State<App>) -> Result<Json<Vec<Runner>>,
 
 /// Submits a commit (or runs a finished one again with `rerun`). Needs the bearer token
 /// when the dispatcher has one.
-#[utoipa::path(post, path = "/run/{sha}",
+#[utoipa::path(post, tag = "tinyci", path = "/run/{sha}",
     params(("sha" = String, Path, description = "the full commit id"), SubmitParams),
     security(("bearer" = [])),
     responses((status = 202, body = Submitted), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
@@ -381,7 +381,7 @@ pub(crate) async fn submit(
 }
 
 /// Cancels a queued or running commit. Needs the bearer token when the dispatcher has one.
-#[utoipa::path(post, path = "/run/{sha}/cancel",
+#[utoipa::path(post, tag = "tinyci", path = "/run/{sha}/cancel",
     params(("sha" = String, Path, description = "the full commit id")),
     security(("bearer" = [])),
     responses((status = 200, body = Cancelled), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]

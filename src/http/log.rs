@@ -191,7 +191,7 @@ fn truthy(v: Option<&str>) -> bool {
 }
 
 /// The raw log: whole, a byte range (`Range: bytes=N-`), or followed (`?follow=1`).
-#[utoipa::path(get, path = "/run/{sha}/log",
+#[utoipa::path(get, tag = "tinyci", path = "/run/{sha}/log",
     params(("sha" = String, Path, description = "a commit id or a unique prefix of one"), LogParams,
            ("Range" = Option<String>, Header, description = "bytes=N- or bytes=N-M")),
     responses((status = 200, description = "the log", content_type = "text/plain"),
@@ -337,7 +337,7 @@ fn json_event(kind: &'static str, data: &impl Serialize) -> SseEvent {
 /// or, with `?run=SHA`, that run's `status` changes, its `log` lines (event id = the log
 /// byte offset after them: reconnect with `Last-Event-ID` and no line comes twice) and a
 /// last `end` event.
-#[utoipa::path(get, path = "/events", params(EventsParams,
+#[utoipa::path(get, tag = "tinyci", path = "/events", params(EventsParams,
         ("Last-Event-ID" = Option<String>, Header, description = "with run: resume after this log byte offset")),
     responses((status = 200, description = "an event stream", content_type = "text/event-stream"),
               (status = 404, body = ErrorBody)))]

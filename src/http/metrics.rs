@@ -167,7 +167,7 @@ impl<S: Store> Store for CountingStore<S> {
 }
 
 /// The metrics in the Prometheus text format.
-#[utoipa::path(get, path = "/metrics",
+#[utoipa::path(get, tag = "tinyci", path = "/metrics",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub(crate) async fn metrics(State(app): State<App>) -> Result<Response, ApiError> {
     let status = app.status().await?;

@@ -290,7 +290,7 @@ pub(crate) struct BadgeParams {
 const BADGE_SCAN: u32 = 200;
 
 /// A status badge for the newest finished run (of a branch).
-#[utoipa::path(get, path = "/badge.svg", params(BadgeParams),
+#[utoipa::path(get, tag = "tinyci", path = "/badge.svg", params(BadgeParams),
     responses((status = 200, description = "an SVG badge", content_type = "image/svg+xml")))]
 pub(crate) async fn badge(
     State(app): State<App>,
