@@ -129,6 +129,7 @@ fn api_answers_with_documented_shapes_codes_token_and_ranges() -> Result<()> {
         "/run/..%2F..%2Fetc%2Fpasswd/log",
         "/run/0000dead/log",
         "/events?run=..%2Fetc",
+        "/events?run=eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee",
     ] {
         let (code, v) = w.get_json(path)?;
         assert_eq!(code, 404, "{path}: {v}");

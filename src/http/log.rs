@@ -349,6 +349,10 @@ pub(crate) async fn events(
     let mut resp = match p.run.as_deref() {
         Some(sha) => {
             let commit = commit_of(&app, sha).await?;
+            let path = results::log_path(&app.core.results_dir, &commit);
+            if app.state_of(&commit).await?.is_none() && tokio::fs::metadata(&path).await.is_err() {
+                return Err(ApiError::NotFound(format!("no run of {commit} is known")));
+            }
             let offset = headers
                 .get("last-event-id")
                 .and_then(|v| v.to_str().ok())
