@@ -191,6 +191,17 @@ fn api_answers_with_documented_shapes_codes_token_and_ranges() -> Result<()> {
     assert!(!page.contains("<b>bold</b>"), "{page}");
     assert!(page.contains("color:var(--red"), "{page}");
     assert!(page.contains(r##"id="L2""##) && page.contains(r##"href="#L2""##));
+    let missing = w
+        .http
+        .get(w.url("/run/%3Cscript%3Ealert(1)%3C%2Fscript%3E"))
+        .header("accept", "text/html")
+        .send()?;
+    assert_eq!(missing.status().as_u16(), 404);
+    let missing = missing.text()?;
+    assert!(
+        missing.contains("&lt;script&gt;") && !missing.contains("<script>alert"),
+        "{missing}"
+    );
     let index = w.http.get(w.url("/")).send()?.text()?;
     assert!(index.contains(&format!("run-{sha}")), "{index}");
 

@@ -325,8 +325,13 @@ pub(crate) async fn run(
     Path(sha): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let detail = app.run(&sha).await?;
-    if wants_html(&headers) {
+    let html = wants_html(&headers);
+    let detail = match app.run(&sha).await {
+        Ok(d) => d,
+        Err(e) if html => return Ok(super::pages::error_page(e)),
+        Err(e) => return Err(e),
+    };
+    if html {
         return Ok(super::pages::run_page(&app, &detail).await);
     }
     Ok(Json(RunFull::from(&detail)).into_response())

@@ -214,6 +214,19 @@ async fn page_log(
     (lines, first_line, end, skipped)
 }
 
+/// An error, for a browser: the same status code, in words on a page.
+pub(crate) fn error_page(e: ApiError) -> Response {
+    let message = e.to_string();
+    let status = e.into_response().status();
+    let body = html! {
+        header { h1 { a href="/" { "tinyci" } } }
+        main { h2 { (status.as_u16()) " " (status.canonical_reason().unwrap_or("")) } p { (message) } }
+    };
+    let mut resp = layout(&format!("{} · tinyci", status.as_u16()), body);
+    *resp.status_mut() = status;
+    resp
+}
+
 /// A run's page.
 pub(crate) async fn run_page(app: &App, d: &RunDetail) -> Response {
     let s = &d.summary;
