@@ -1,13 +1,18 @@
-//! The newest runs as one shared snapshot, for the live page's event stream: one task asks
-//! the core after each of its batches (while anybody watches) and publishes the answer;
-//! each `/events` client compares it with what it last sent and sends the difference. The
-//! watch channel holds only the latest snapshot, so a slow client skips states instead
-//! of queueing them.
+//! The newest runs as one shared snapshot, for the live page's event stream.
+//!
+//! One task keeps it: it reads the newest page of runs once, then, after each batch of the
+//! core, asks the core only about the commits that batch changed (queued, handed out,
+//! returned, finished — noted by [`Touched`] as the core stages them), by id: point
+//! lookups, never a scan of the history, so a long history costs nothing per batch. Each
+//! `/events` client compares the snapshot with what it last sent and sends the
+//! difference. The watch channel holds only the latest snapshot, so a slow client skips
+//! states instead of queueing them.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tinyci_proto::{FromDispatcher, RunQuery, RunSummary, ToDispatcher};
+use tinyci_proto::{CommitId, FromDispatcher, RunQuery, RunSummary, ToDispatcher};
 use tracing::debug;
 
 use super::{ApiError, App};
@@ -15,70 +20,134 @@ use super::{ApiError, App};
 /// How many of the newest runs the live list shows and the stream watches.
 pub(crate) const LIVE_RUNS: u32 = 50;
 
-/// A safety net: the snapshot is refreshed this often even without a notification.
-const RECHECK: Duration = Duration::from_secs(2);
+/// At most this many changed commits are kept between two refreshes; past it the
+/// snapshot is read again whole.
+const MAX_TOUCHED: usize = 10_000;
 
-/// The newest runs and the runs in flight, as of one batch of the core.
+/// How long to wait before reading the newest runs again after a failure.
+const RETRY: Duration = Duration::from_millis(500);
+
+/// The newest runs, as of one batch of the core.
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct Snapshot {
-    /// The core's change counter when this was asked.
-    pub seq: u64,
-    /// Queued and running runs, and the newest ones (deduplicated, newest first).
+    /// Newest first (by the time they were queued).
     pub runs: Vec<RunSummary>,
-    /// How many runs there are in all.
-    pub total: u64,
 }
 
-/// Asks the core for a fresh snapshot.
-pub(crate) async fn take(app: &App, seq: u64) -> Result<Snapshot, ApiError> {
-    let status = app.status().await?;
-    let (total, newest) = match app
+/// The commits whose state the core changed and made durable, since the last look.
+#[derive(Debug, Default)]
+pub struct Touched {
+    inner: Mutex<TouchedInner>,
+}
+
+#[derive(Debug, Default)]
+struct TouchedInner {
+    commits: Vec<CommitId>,
+    overflow: bool,
+}
+
+impl Touched {
+    /// Notes commits whose changes are now durable.
+    pub(crate) fn publish(&self, commits: impl IntoIterator<Item = CommitId>) {
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        for c in commits {
+            if t.commits.len() >= MAX_TOUCHED {
+                t.overflow = true;
+                t.commits.clear();
+            }
+            if !t.overflow {
+                t.commits.push(c);
+            }
+        }
+    }
+
+    /// The commits noted since the last call (`Err` when there were too many to keep).
+    fn take(&self) -> Result<Vec<CommitId>, ()> {
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let commits = std::mem::take(&mut t.commits);
+        if std::mem::take(&mut t.overflow) {
+            return Err(());
+        }
+        Ok(commits)
+    }
+}
+
+/// The newest page of runs, from the core.
+async fn newest(app: &App) -> Result<Vec<RunSummary>, ApiError> {
+    match app
         .ask(ToDispatcher::Runs(RunQuery {
             limit: LIVE_RUNS,
             ..RunQuery::default()
         }))
         .await?
     {
-        FromDispatcher::Runs { total, runs } => (total, runs),
-        other => return Err(super::unexpected(&other)),
-    };
-    let mut runs = newest;
-    // Running ones from the scheduler (with their live attempt count) replace the
-    // database's lines; an old commit run again may be missing from the newest page.
-    for r in status.running {
-        match runs.iter_mut().find(|x| x.commit == r.commit) {
-            Some(x) => *x = r,
-            None => runs.insert(0, r),
-        }
+        FromDispatcher::Runs { runs, .. } => Ok(runs),
+        other => Err(super::unexpected(&other)),
     }
-    Ok(Snapshot { seq, runs, total })
 }
 
-/// Keeps the shared snapshot fresh while anybody watches it.
+/// Brings `runs` up to date with what the core says of `touched`.
+async fn update(app: &App, runs: &mut Vec<RunSummary>, touched: Vec<CommitId>) {
+    let mut seen = HashSet::new();
+    for commit in touched {
+        if !seen.insert(commit.clone()) {
+            continue;
+        }
+        let fresh = match app.run(commit.as_str()).await {
+            Ok(d) => d.summary,
+            Err(e) => {
+                debug!(commit = %commit, error = %e, "live list: run not read");
+                continue;
+            }
+        };
+        match runs.iter_mut().find(|r| r.commit == commit) {
+            Some(r) => *r = fresh,
+            None => runs.push(fresh),
+        }
+    }
+    // Newest first; what falls past the page is forgotten.
+    runs.sort_by(|a, b| b.queued_at_ms.cmp(&a.queued_at_ms));
+    runs.truncate(LIVE_RUNS as usize);
+}
+
+/// Keeps the shared snapshot fresh until shutdown.
 pub(crate) async fn refresh(app: App) {
     let mut changed = app.core.log_changed.clone();
+    let mut runs: Option<Vec<RunSummary>> = None;
     loop {
+        changed.borrow_and_update();
+        let touched = app.core.counters.touched.take();
+        let next = match (runs.take(), touched) {
+            (Some(mut r), Ok(t)) => {
+                update(&app, &mut r, t).await;
+                Some(r)
+            }
+            // At start, or after too many changes to follow one by one: read it whole.
+            _ => match newest(&app).await {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    debug!(error = %e, "live list not read; trying again");
+                    tokio::select! {
+                        _ = app.shutdown.cancelled() => return,
+                        () = tokio::time::sleep(RETRY) => continue,
+                    }
+                }
+            },
+        };
+        if let Some(r) = &next {
+            app.live.send_if_modified(|old| {
+                if old.runs == *r {
+                    false
+                } else {
+                    *old = Arc::new(Snapshot { runs: r.clone() });
+                    true
+                }
+            });
+        }
+        runs = next;
         tokio::select! {
             _ = app.shutdown.cancelled() => return,
             res = changed.changed() => if res.is_err() { return },
-            () = tokio::time::sleep(RECHECK) => {}
-        }
-        if app.live.receiver_count() == 0 {
-            continue;
-        }
-        let seq = *changed.borrow_and_update();
-        match take(&app, seq).await {
-            Ok(snap) => {
-                app.live.send_if_modified(|old| {
-                    if old.runs == snap.runs && old.total == snap.total {
-                        false
-                    } else {
-                        *old = Arc::new(snap);
-                        true
-                    }
-                });
-            }
-            Err(e) => debug!(error = %e, "live snapshot not refreshed"),
         }
     }
 }

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use utoipa::{IntoParams, ToSchema};
 
 use super::api::Run;
-use super::live::{self, Snapshot};
+use super::live::Snapshot;
 use super::{ApiError, App, ErrorBody, Q};
 use crate::results;
 
@@ -433,29 +433,24 @@ fn changes(sent: &mut Sent, snap: &Snapshot) -> Vec<SseEvent> {
 async fn live_events(
     app: &App,
 ) -> Result<impl Stream<Item = Result<SseEvent, Infallible>>, ApiError> {
-    let rx = app.live.subscribe();
-    let seq = *app.core.log_changed.borrow();
-    let first = live::take(app, seq).await?;
+    // The shared snapshot: a new client costs the core nothing.
+    let mut rx = app.live.subscribe();
+    let first: Arc<Snapshot> = rx.borrow_and_update().clone();
     let mut sent = Sent::new();
     let initial = changes(&mut sent, &first);
     let shutdown = app.shutdown.clone();
     let later = stream::unfold(
-        (rx, sent, seq, shutdown),
-        |(mut rx, mut sent, seq, shutdown)| async move {
+        (rx, sent, shutdown),
+        |(mut rx, mut sent, shutdown)| async move {
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return None,
                     res = rx.changed() => res.ok()?,
                 }
                 let snap: Arc<Snapshot> = rx.borrow_and_update().clone();
-                // A snapshot older than the one this client started from would move runs
-                // back.
-                if snap.seq < seq {
-                    continue;
-                }
                 let evs = changes(&mut sent, &snap);
                 if !evs.is_empty() {
-                    return Some((stream::iter(evs), (rx, sent, seq, shutdown)));
+                    return Some((stream::iter(evs), (rx, sent, shutdown)));
                 }
             }
         },

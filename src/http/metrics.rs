@@ -42,8 +42,11 @@ struct StatusLabel {
     status: &'static str,
 }
 
-/// What the dispatcher counts since it started.
+/// What the dispatcher counts since it started, and the commits it changed since the
+/// live list last looked.
 pub struct Counters {
+    /// Commits whose state changed (durably) since the live list last looked.
+    pub(crate) touched: super::live::Touched,
     attempts_started: Counter,
     attempts_ended: Family<OutcomeLabel, Counter>,
     infrastructure_failures: Family<ReasonLabel, Counter>,
@@ -53,6 +56,7 @@ pub struct Counters {
 impl Default for Counters {
     fn default() -> Self {
         Counters {
+            touched: super::live::Touched::default(),
             attempts_started: Counter::default(),
             attempts_ended: Family::default(),
             infrastructure_failures: Family::default(),
@@ -116,16 +120,34 @@ impl Counters {
     }
 }
 
-/// The core's store, counting what passes through it for `/metrics`.
+/// The commit an operation changes the state of, if any.
+fn commit_of(op: &Op) -> Option<&CommitId> {
+    match op {
+        Op::Queued { commit, .. } | Op::Assigned { commit, .. } | Op::Returned { commit, .. } => {
+            Some(commit)
+        }
+        Op::Finished { run, .. } => Some(&run.commit),
+        _ => None,
+    }
+}
+
+/// The core's store, counting what passes through it for `/metrics` and noting, once each
+/// transaction is durable, which commits it changed (for the live list).
 pub struct CountingStore<S> {
     inner: S,
     counters: std::sync::Arc<Counters>,
+    /// Commits changed by the staged ops.
+    staged: Vec<CommitId>,
 }
 
 impl<S> CountingStore<S> {
     /// Wraps `inner`.
     pub fn new(inner: S, counters: std::sync::Arc<Counters>) -> Self {
-        CountingStore { inner, counters }
+        CountingStore {
+            inner,
+            counters,
+            staged: Vec::new(),
+        }
     }
 }
 
@@ -134,11 +156,17 @@ impl<S: Store> Store for CountingStore<S> {
         // Staged once per change (a failed commit keeps its ops staged, it does not stage
         // them again), so nothing is counted twice.
         self.counters.record(&op);
+        if let Some(c) = commit_of(&op) {
+            self.staged.push(c.clone());
+        }
         self.inner.stage(op)
     }
 
     fn commit(&mut self) -> Result<(), StoreError> {
-        self.inner.commit()
+        self.inner.commit()?;
+        // Durable now: readers asking about these commits see the change.
+        self.counters.touched.publish(self.staged.drain(..));
+        Ok(())
     }
 
     fn has_staged(&self) -> bool {
