@@ -106,7 +106,7 @@ async fn update(app: &App, runs: &mut Vec<RunSummary>, touched: Vec<CommitId>) {
         }
     }
     // Newest first; what falls past the page is forgotten.
-    runs.sort_by(|a, b| b.queued_at_ms.cmp(&a.queued_at_ms));
+    runs.sort_by_key(|r| std::cmp::Reverse(r.queued_at_ms));
     runs.truncate(LIVE_RUNS as usize);
 }
 
