@@ -62,7 +62,7 @@ impl Touched {
     }
 
     /// The commits noted since the last call (`Err` when there were too many to keep).
-    fn take(&self) -> Result<Vec<CommitId>, ()> {
+    pub(crate) fn take(&self) -> Result<Vec<CommitId>, ()> {
         let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let commits = std::mem::take(&mut t.commits);
         if std::mem::take(&mut t.overflow) {
@@ -149,5 +149,25 @@ pub(crate) async fn refresh(app: App) {
             _ = app.shutdown.cancelled() => return,
             res = changed.changed() => if res.is_err() { return },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(i: usize) -> CommitId {
+        CommitId::parse(&format!("{i:040x}")).unwrap()
+    }
+
+    #[test]
+    fn touched_commits_are_handed_over_once_and_too_many_ask_for_a_whole_read() {
+        let t = Touched::default();
+        t.publish([c(1), c(2)]);
+        assert_eq!(t.take(), Ok(vec![c(1), c(2)]));
+        assert_eq!(t.take(), Ok(vec![]));
+        t.publish((0..=MAX_TOUCHED).map(c));
+        assert_eq!(t.take(), Err(()));
+        assert_eq!(t.take(), Ok(vec![]));
     }
 }

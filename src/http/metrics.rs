@@ -334,4 +334,64 @@ mod tests {
         prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
         assert!(text.contains("d_count 1"), "{text}");
     }
+
+    /// A store whose first commit fails.
+    struct Flaky {
+        fail: bool,
+        staged: usize,
+    }
+
+    impl Store for Flaky {
+        fn stage(&mut self, _: Op) {
+            self.staged += 1;
+        }
+        fn commit(&mut self) -> Result<(), StoreError> {
+            if std::mem::take(&mut self.fail) {
+                return Err(StoreError::Corrupt("disk full".into()));
+            }
+            self.staged = 0;
+            Ok(())
+        }
+        fn has_staged(&self) -> bool {
+            self.staged > 0
+        }
+        fn is_recorded(&mut self, _: &CommitId) -> Result<bool, StoreError> {
+            Ok(false)
+        }
+        fn unfinished(&mut self) -> Result<Vec<Unfinished>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn unsynced_results(&mut self) -> Result<Vec<Finished>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn journal_imported(&mut self) -> Result<bool, StoreError> {
+            Ok(false)
+        }
+        fn forget_runners(&mut self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn changed_commits_are_published_only_once_durable() {
+        let counters = std::sync::Arc::new(Counters::default());
+        let mut store = CountingStore::new(
+            Flaky {
+                fail: true,
+                staged: 0,
+            },
+            counters.clone(),
+        );
+        let commit = CommitId::parse(&"b".repeat(40)).unwrap();
+        store.stage(Op::Queued {
+            commit: commit.clone(),
+            branch: None,
+            at: SystemTime::now(),
+        });
+        assert!(store.commit().is_err());
+        let none: Vec<CommitId> = Vec::new();
+        assert_eq!(counters.touched.take(), Ok(none));
+        store.commit().unwrap();
+        assert_eq!(counters.touched.take(), Ok(vec![commit]));
+    }
 }
