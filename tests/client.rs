@@ -78,9 +78,7 @@ fn no_observer() -> Opts {
 #[test]
 fn commands_answer_with_tables_json_and_documented_exit_codes() -> Result<()> {
     let c = Cluster::start(bins(), no_observer())?;
-    wait_status(&c, |v| {
-        v["runners"].as_array().is_some_and(|r| r.len() == 1)
-    })?;
+    wait_status(&c, |v| v["runners"].as_array().is_some_and(|r| r.len() == 1))?;
 
     // submit + wait + show on a passing commit, named by ref in the current repository.
     let good = c.master.head()?;
@@ -104,16 +102,10 @@ fn commands_answer_with_tables_json_and_documented_exit_codes() -> Result<()> {
     assert_eq!(v["attempts"], on_disk["attempts"]);
     let o = tinyci(&c, &["logs", &good])?;
     assert_eq!(code(&o), 0);
-    assert_eq!(
-        o.stdout,
-        std::fs::read(c.results.join(format!("{good}.log")))?
-    );
+    assert_eq!(o.stdout, std::fs::read(c.results.join(format!("{good}.log")))?);
 
     // A failing commit: exit 1; an erroring one (bad spec): exit 2.
-    let bad = c.commit(
-        "fails",
-        &[(".tinyci.toml", &spec(&[("test", "exit 3", "1m")]))],
-    )?;
+    let bad = c.commit("fails", &[(".tinyci.toml", &spec(&[("test", "exit 3", "1m")]))])?;
     tinyci(&c, &["submit", &bad])?;
     let o = tinyci(&c, &["wait", &bad])?;
     assert_eq!(code(&o), 1, "{}", text(&o));
@@ -198,9 +190,7 @@ fn commands_answer_with_tables_json_and_documented_exit_codes() -> Result<()> {
 #[test]
 fn a_followed_log_survives_a_dispatcher_restart_without_a_line_twice() -> Result<()> {
     let mut c = Cluster::start(bins(), no_observer())?;
-    wait_status(&c, |v| {
-        v["runners"].as_array().is_some_and(|r| r.len() == 1)
-    })?;
+    wait_status(&c, |v| v["runners"].as_array().is_some_and(|r| r.len() == 1))?;
     let sha = c.commit(
         "chatty",
         &[(
@@ -246,15 +236,10 @@ fn a_followed_log_survives_a_dispatcher_restart_without_a_line_twice() -> Result
 #[test]
 fn ctrl_c_while_following_detaches_and_says_how_to_cancel() -> Result<()> {
     let c = Cluster::start(bins(), no_observer())?;
-    wait_status(&c, |v| {
-        v["runners"].as_array().is_some_and(|r| r.len() == 1)
-    })?;
+    wait_status(&c, |v| v["runners"].as_array().is_some_and(|r| r.len() == 1))?;
     let sha = c.commit(
         "long",
-        &[(
-            ".tinyci.toml",
-            &spec(&[("long", "echo go; sleep 30", "1m")]),
-        )],
+        &[(".tinyci.toml", &spec(&[("long", "echo go; sleep 30", "1m")]))],
     )?;
     tinyci(&c, &["submit", &sha])?;
     wait_status(&c, |v| v["running"][0]["id"] == sha.as_str())?;
@@ -283,13 +268,7 @@ fn push_setup(c: &mut Cluster, observer: bool) -> Result<(std::path::PathBuf, st
     let bare = c.tmp.path().join("pushed.git");
     git(
         c.tmp.path(),
-        &[
-            "clone",
-            "-q",
-            "--bare",
-            &c.master.dir.display().to_string(),
-            "pushed.git",
-        ],
+        &["clone", "-q", "--bare", &c.master.dir.display().to_string(), "pushed.git"],
     )?;
     let bare_url = bare.display().to_string();
     let setup = CloneSetup {
@@ -322,15 +301,7 @@ fn commit_in(dir: &Path, msg: &str, files: &[(&str, &str)]) -> Result<String> {
     git(dir, &["add", "-A"])?;
     git(
         dir,
-        &[
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@t",
-            "commit",
-            "-qm",
-            msg,
-        ],
+        &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", msg],
     )?;
     git(dir, &["rev-parse", "HEAD"])
 }
@@ -351,10 +322,7 @@ fn git_push_shows_the_run_and_its_verdict() -> Result<()> {
         "pushed",
         &[(
             ".tinyci.toml",
-            &spec(&[
-                ("build", "echo building", "1m"),
-                ("test", "echo testing; exit 0", "1m"),
-            ]),
+            &spec(&[("build", "echo building", "1m"), ("test", "echo testing; exit 0", "1m")]),
         )],
     )?;
     let o = Command::new("git")
@@ -366,14 +334,8 @@ fn git_push_shows_the_run_and_its_verdict() -> Result<()> {
     assert!(o.status.success(), "{t}");
     assert!(t.contains("remote: [build] building"), "{t}");
     assert!(t.contains("remote: [test] testing"), "{t}");
-    assert!(
-        t.contains(&format!("remote: tinyci: {} success", &sha[..10])),
-        "{t}"
-    );
-    assert!(
-        t.contains(&format!("{sha}.json")),
-        "the result file is named: {t}"
-    );
+    assert!(t.contains(&format!("remote: tinyci: {} success", &sha[..10])), "{t}");
+    assert!(t.contains(&format!("{sha}.json")), "the result file is named: {t}");
     assert_eq!(c.wait_result(&sha, WAIT)?["status"], "success");
 
     // ci.skip: nothing submitted.

@@ -42,9 +42,10 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 pub use ids::{CommitId, InvalidCommitId, JobId, RunnerId};
 pub use messages::{
-    AttemptView, DispatcherStatus, FromDispatcher, FromRunner, GiveBackCause, HeldJob, HeldVerdict,
-    Hello, HelloReply, QueuedView, Role, RunDetail, RunQuery, RunReport, RunState, RunStatus,
-    RunSummary, RunnerState, RunnerView, StepReport, StepStatus, ToDispatcher, ToRunner,
+    AttemptView, DispatcherStatus, FromDispatcher, FromRunner, GiveBackCause, HeldJob,
+    HeldVerdict, Hello, HelloReply, QueuedView, Role, RunDetail, RunQuery, RunReport, RunState,
+    RunStatus, RunSummary, RunnerState, RunnerView, StepReport, StepStatus, ToDispatcher,
+    ToRunner,
 };
 
 /// The first four bytes of every hello: ASCII `tCI1`.

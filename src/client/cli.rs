@@ -23,8 +23,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use tinyci_proto::{
-    CommitId, DispatcherStatus, RunDetail, RunQuery, RunState, RunSummary, RunnerState, RunnerView,
-    StepReport, StepStatus,
+    CommitId, DispatcherStatus, RunDetail, RunQuery, RunState, RunSummary, RunnerState,
+    RunnerView, StepReport, StepStatus,
 };
 
 use super::{follow_log, hook, Client, ClientError, FollowEvent};
@@ -160,11 +160,7 @@ pub fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() {
-                code::USAGE
-            } else {
-                code::OK
-            });
+            return ExitCode::from(if e.use_stderr() { code::USAGE } else { code::OK });
         }
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -330,9 +326,7 @@ pub fn name_commit(arg: &str) -> Result<Named, ClientError> {
     }
     let hex = arg.len() >= 4
         && arg.len() <= 64
-        && arg
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        && arg.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     if hex {
         Ok(Named::Prefix(arg.to_owned()))
     } else {
@@ -521,11 +515,7 @@ async fn status(t: &Target, json: bool, style: Style) -> Result<u8, ClientError>
 async fn runners(t: &Target, json: bool) -> Result<u8, ClientError> {
     let s = t.connect().await?.status().await?;
     if json {
-        print_json(&json!(s
-            .runners
-            .iter()
-            .map(runner_json)
-            .collect::<Vec<_>>()));
+        print_json(&json!(s.runners.iter().map(runner_json).collect::<Vec<_>>()));
     } else if s.runners.is_empty() {
         println!("no runner is registered");
     } else {
@@ -575,7 +565,11 @@ async fn runs(t: &Target, q: RunQuery, json: bool, style: Style) -> Result<u8, C
 /// A run's steps and verdict, as `show` and the push hook print them.
 pub fn render_detail(d: &RunDetail, style: Style) -> String {
     let s = &d.summary;
-    let mut out = format!("commit   {}\nstatus   {}\n", s.commit, style.state(s.state));
+    let mut out = format!(
+        "commit   {}\nstatus   {}\n",
+        s.commit,
+        style.state(s.state)
+    );
     if let Some(b) = &s.branch {
         out.push_str(&format!("branch   {b}\n"));
     }
@@ -722,10 +716,7 @@ async fn wait(
         if json {
             print_json(&json!({"id": id.as_str(), "status": "timeout"}));
         } else {
-            eprintln!(
-                "tinyci: {} is still not finished; waiting timed out",
-                id.short()
-            );
+            eprintln!("tinyci: {} is still not finished; waiting timed out", id.short());
         }
         return Ok(code::NOT_FINISHED);
     };
@@ -759,7 +750,11 @@ async fn submit(
         }
     }
     let n = ids.len();
-    let s = t.connect().await?.submit(ids, branch, front, rerun).await?;
+    let s = t
+        .connect()
+        .await?
+        .submit(ids, branch, front, rerun)
+        .await?;
     if json {
         print_json(&json!({"queued": s.queued, "known": s.known}));
     } else {
@@ -783,10 +778,7 @@ async fn cancel(t: &Target, arg: &str, json: bool) -> Result<u8, ClientError> {
     if json {
         print_json(&json!({"id": id.as_str(), "was": was.as_str()}));
     } else if was.is_finished() {
-        println!(
-            "{} had already finished ({was}); nothing to cancel",
-            id.short()
-        );
+        println!("{} had already finished ({was}); nothing to cancel", id.short());
     } else {
         println!("{} cancelled (it was {was})", id.short());
     }
@@ -828,11 +820,7 @@ mod tests {
         );
         // Hex that no repository here resolves is a prefix for the dispatcher to complete
         // (the tests run inside this project's repository, which has no such commit).
-        let r = (
-            name_commit("abcd1234abcd"),
-            name_commit("abc"),
-            name_commit("../x"),
-        );
+        let r = (name_commit("abcd1234abcd"), name_commit("abc"), name_commit("../x"));
         assert_eq!(r.0.unwrap(), Named::Prefix("abcd1234abcd".into()));
         assert!(matches!(r.1, Err(ClientError::NotFound(_))));
         assert!(matches!(r.2, Err(ClientError::NotFound(_))));

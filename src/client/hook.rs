@@ -208,8 +208,8 @@ fn install(
         Some(b) => b,
         None => crate::git::head_branch(master).map_err(|e| e.to_string())?,
     };
-    let exe =
-        std::env::current_exe().map_err(|e| format!("cannot find the tinyci executable: {e}"))?;
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot find the tinyci executable: {e}"))?;
     let hooks = hooks_dir(master, &git_dir);
     std::fs::create_dir_all(&hooks).map_err(|e| format!("creating {}: {e}", hooks.display()))?;
     let mut said = Vec::new();
@@ -419,9 +419,7 @@ async fn post_receive(branch: &str, max_wait: Duration, target: &Target) {
         match crate::git::pushed_commits(old, new, 1000) {
             Ok(cs) => commits.extend(cs),
             Err(e) => {
-                pusher.say(format!(
-                    "tinyci: cannot list the pushed commits ({e}); submitting the tip only"
-                ));
+                pusher.say(format!("tinyci: cannot list the pushed commits ({e}); submitting the tip only"));
                 commits.push(new.clone());
             }
         }
@@ -454,9 +452,7 @@ async fn post_receive(branch: &str, max_wait: Duration, target: &Target) {
     }
     if opts.no_wait {
         for t in &tips {
-            pusher.say(format!(
-                "tinyci: not waiting; follow it with: tinyci logs -f {t}"
-            ));
+            pusher.say(format!("tinyci: not waiting; follow it with: tinyci logs -f {t}"));
         }
         pusher.flush();
         return;
@@ -543,9 +539,11 @@ async fn stream_run(
             ));
             pusher.raw(render_detail(&d, style).as_bytes());
         }
-        Err(ClientError::NotFound(_)) | Err(_) => {
-            pusher.say(format!("tinyci: {} {}", tip.short(), style.state(state)))
-        }
+        Err(ClientError::NotFound(_)) | Err(_) => pusher.say(format!(
+            "tinyci: {} {}",
+            tip.short(),
+            style.state(state)
+        )),
     }
     if state != RunState::Success {
         pusher.say(format!("tinyci: the full log: tinyci logs {tip}"));

@@ -12,8 +12,8 @@ pub mod hook;
 use std::time::Duration;
 
 use tinyci_proto::{
-    CommitId, Connection, DispatcherStatus, FromDispatcher, ProtoError, Role, RunDetail, RunQuery,
-    RunState, RunSummary, ToDispatcher,
+    CommitId, Connection, DispatcherStatus, FromDispatcher, ProtoError, Role, RunDetail,
+    RunQuery, RunState, RunSummary, ToDispatcher,
 };
 use tokio::net::TcpStream;
 

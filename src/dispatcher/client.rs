@@ -117,9 +117,7 @@ pub fn usable_branch(b: &str) -> bool {
 
 /// Whether `p` can be a prefix of a commit id.
 pub fn valid_prefix(p: &str) -> bool {
-    (4..=64).contains(&p.len())
-        && p.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    (4..=64).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Hands `ev` to the core and waits for its answer; `None` when the core is gone.

@@ -28,8 +28,8 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use tinyci_proto::{
-    CommitId, JobId, QueuedView, RunReport, RunState, RunStatus, RunnerId, RunnerState, RunnerView,
-    StepReport,
+    CommitId, JobId, QueuedView, RunReport, RunState, RunStatus, RunnerId, RunnerState,
+    RunnerView, StepReport,
 };
 
 /// Uncounted hand-backs are not free for ever: a commit handed out this many times the
@@ -799,10 +799,11 @@ impl Scheduler {
                 .collect();
             format!("every runner is paused ({})", reasons.join("; "))
         } else if !e.failures.is_empty()
-            && self
-                .idle
-                .iter()
-                .all(|id| self.runners.get(id).is_some_and(|r| e.avoids(&r.addr)))
+            && self.idle.iter().all(|id| {
+                self.runners
+                    .get(id)
+                    .is_some_and(|r| e.avoids(&r.addr))
+            })
             && !self.idle.is_empty()
         {
             let failed: Vec<&str> = e
@@ -817,7 +818,9 @@ impl Scheduler {
             )
         } else {
             let busy = self.runners.values().filter(|r| r.job.is_some()).count();
-            format!("all {busy} available runner(s) are busy; {at} commit(s) ahead of it")
+            format!(
+                "all {busy} available runner(s) are busy; {at} commit(s) ahead of it"
+            )
         };
         if let Some(last) = e.failures.last() {
             why.push_str(&format!(
@@ -872,6 +875,7 @@ fn cancelled_result(commit: CommitId, entry: &Entry, now: SystemTime) -> Finishe
         }),
     }
 }
+
 
 /// The `error` of a commit given up: how many attempts, and every attempt's runner and
 /// reason.
@@ -1254,10 +1258,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(s.queued(), 0);
-        assert!(
-            s.cancel(&c(2), now()).is_none(),
-            "finished: the store's to say"
-        );
+        assert!(s.cancel(&c(2), now()).is_none(), "finished: the store's to say");
         assert!(s.cancel(&c(9), now()).is_none());
         // Running: the runner is to be told; if it is then lost, the commit is finished
         // as cancelled, not requeued.
@@ -1285,10 +1286,7 @@ mod tests {
         assert_eq!(s.entry(&c(2)).unwrap().branch.as_deref(), Some("main"));
         assert!(!s.submit_for(c(2), None, false, now()), "running is active");
         s.finish(a.job, ok(), now()).unwrap();
-        assert!(
-            s.submit_for(c(2), None, false, now()),
-            "a re-run is the caller's call"
-        );
+        assert!(s.submit_for(c(2), None, false, now()), "a re-run is the caller's call");
     }
 
     #[test]
@@ -1301,10 +1299,7 @@ mod tests {
         s.pause(RunnerId(1), Some("origin unreachable".into()));
         let (state, why) = s.why(&c(2)).unwrap();
         assert_eq!(state, RunState::Queued);
-        assert!(
-            why.contains("every runner is paused (a: origin unreachable)"),
-            "{why}"
-        );
+        assert!(why.contains("every runner is paused (a: origin unreachable)"), "{why}");
         s.pause(RunnerId(1), None);
         let job = s.assign(now()).remove(0).job;
         let (state, why) = s.why(&c(1)).unwrap();
@@ -1312,13 +1307,12 @@ mod tests {
         assert!(why.contains("running on a"), "{why}");
         let q = s.queue_view();
         assert_eq!(q.len(), 1);
-        assert!(
-            q[0].waiting.contains("busy; 0 commit(s) ahead"),
-            "{}",
-            q[0].waiting
-        );
+        assert!(q[0].waiting.contains("busy; 0 commit(s) ahead"), "{}", q[0].waiting);
         let runners = s.runners_view();
-        assert_eq!(runners[0].state, RunnerState::Busy { commit: c(1), job });
+        assert_eq!(
+            runners[0].state,
+            RunnerState::Busy { commit: c(1), job }
+        );
         assert!(s.why(&c(9)).is_none());
     }
 }

@@ -267,7 +267,9 @@ pub fn git_dir_of(path: &Path) -> Result<(std::path::PathBuf, bool), GitError> {
 /// even when that branch has no commit yet.
 pub fn head_branch(path: &Path) -> Result<String, GitError> {
     let repo = open(path)?;
-    let head = repo.find_reference("HEAD").map_err(err("reading HEAD"))?;
+    let head = repo
+        .find_reference("HEAD")
+        .map_err(err("reading HEAD"))?;
     head.symbolic_target()
         .and_then(|t| t.strip_prefix("refs/heads/"))
         .map(str::to_owned)

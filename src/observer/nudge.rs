@@ -124,7 +124,8 @@ mod tests {
             .await
             .expect("nudged");
         // The three nudges were one wake-up.
-        let again = tokio::time::timeout(std::time::Duration::from_millis(50), nudge.wait()).await;
+        let again =
+            tokio::time::timeout(std::time::Duration::from_millis(50), nudge.wait()).await;
         assert!(again.is_err(), "no second wake-up without a new nudge");
         let path = nudge.path().to_path_buf();
         drop(nudge);

@@ -233,8 +233,11 @@ impl Core {
         match self.history.run(commit) {
             Ok(Some(d)) => {
                 let state = state_of(d.summary.state);
-                let mut reason =
-                    format!("finished {} after {} attempt(s)", state, d.summary.attempts);
+                let mut reason = format!(
+                    "finished {} after {} attempt(s)",
+                    state,
+                    d.summary.attempts
+                );
                 if let Some(e) = d.error {
                     reason.push_str(&format!(": {e}"));
                 }

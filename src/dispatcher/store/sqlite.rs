@@ -841,9 +841,7 @@ impl History for SqliteReader {
         // GLOB with a literal prefix walks the primary key's index.
         let rows = self
             .conn
-            .prepare_cached(
-                "SELECT sha FROM commits WHERE sha GLOB ?1 || '*' ORDER BY sha LIMIT ?2",
-            )
+            .prepare_cached("SELECT sha FROM commits WHERE sha GLOB ?1 || '*' ORDER BY sha LIMIT ?2")
             .and_then(|mut s| {
                 s.query_map(params![prefix, max], |r| r.get::<_, String>(0))?
                     .collect::<Result<Vec<_>, _>>()
@@ -875,11 +873,7 @@ impl History for SqliteReader {
                 ("queued", _) => RunState::Queued,
                 ("running", _) => RunState::Running,
                 (_, Some(r)) => RunState::Done(run_status_of(r)?),
-                (s, None) => {
-                    return Err(StoreError::Corrupt(format!(
-                        "commit status {s:?} without a result"
-                    )))
-                }
+                (s, None) => return Err(StoreError::Corrupt(format!("commit status {s:?} without a result"))),
             };
             out.push((state, n));
         }
