@@ -33,6 +33,16 @@ struct Args {
     /// File holding the shared secret (default: $TINYCI_TOKEN, if set).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Also serve the HTTP API and pages on HOST:PORT (port 0 picks a free one; the log
+    /// says which). Off unless given.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
+    /// At most this many HTTP connections at once.
+    #[arg(long, default_value_t = tinyci::http::MAX_CONNECTIONS, value_parser = clap::value_parser!(usize))]
+    http_max_connections: usize,
+    /// An HTTP connection that moves no byte for this long is closed.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    http_idle_timeout: Duration,
 }
 
 fn main() -> ExitCode {
@@ -47,6 +57,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    let http = match &args.http {
+        Some(addr) => Some(dispatcher::Http {
+            listener: tokio::net::TcpListener::bind(addr.as_str())
+                .await
+                .with_context(|| format!("cannot listen for http on {addr}"))?,
+            config: tinyci::http::Config {
+                max_connections: args.http_max_connections.max(1),
+                idle_timeout: args.http_idle_timeout,
+            },
+        }),
+        None => None,
+    };
     let config = dispatcher::Config {
         results_dir: args.results_dir,
         heartbeat_interval: args.heartbeat_interval,
@@ -54,6 +76,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_attempts: args.max_attempts,
         token,
     };
-    dispatcher::run(listener, config, Shutdown::on_signals()).await?;
+    dispatcher::run(listener, config, http, Shutdown::on_signals()).await?;
     Ok(())
 }

@@ -49,6 +49,7 @@ fn context() -> (Arc<Ctx>, Receiver<Event>) {
         },
         shutdown: Shutdown::new(),
         log_changed: tokio::sync::watch::channel(0u64).1,
+        counters: None,
         warned_unchecked_token: AtomicBool::new(false),
     });
     (ctx, rx)

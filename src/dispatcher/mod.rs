@@ -100,12 +100,24 @@ struct Ctx {
     warned_unchecked_token: std::sync::atomic::AtomicBool,
     /// Changes after every batch of the core: log followers wait on it.
     log_changed: tokio::sync::watch::Receiver<u64>,
+    /// What `/metrics` counts of the runners' events, when HTTP is served.
+    counters: Option<Arc<crate::http::metrics::Counters>>,
 }
 
-/// Serves on `listener` until `shutdown` is cancelled (or storage fails).
+/// Where and how to serve HTTP (`dispatcher --http ADDR`).
+pub struct Http {
+    /// The bound listener.
+    pub listener: TcpListener,
+    /// Its settings.
+    pub config: crate::http::Config,
+}
+
+/// Serves on `listener` (and HTTP on `http`'s, if given) until `shutdown` is cancelled (or
+/// storage fails).
 pub async fn run(
     listener: TcpListener,
     config: Config,
+    http: Option<Http>,
     shutdown: Shutdown,
 ) -> Result<(), DispatcherError> {
     let dir = config.results_dir.clone();
@@ -122,6 +134,10 @@ pub async fn run(
     let grace = (config.heartbeat_timeout * 2).max(Duration::from_secs(6));
     let (core_dir, max_attempts) = (dir.clone(), config.max_attempts);
     let (changed, log_changed) = tokio::sync::watch::channel(0u64);
+    let counters = http
+        .as_ref()
+        .map(|_| Arc::new(crate::http::metrics::Counters::default()));
+    let core_counters = counters.clone();
     let core = tokio::task::spawn_blocking(move || {
         let db_err = |source| DispatcherError::Database {
             dir: core_dir.display().to_string(),
@@ -131,9 +147,13 @@ pub async fn run(
         let unfinished = recovery::recover(&core_dir, &mut store).map_err(db_err)?;
         // Clients' questions are read on a connection of their own.
         let history = store::sqlite::SqliteReader::open(&core_dir).map_err(db_err)?;
+        let store: Box<dyn store::Store + Send> = match &core_counters {
+            Some(c) => Box::new(crate::http::metrics::CountingStore::new(store, c.clone())),
+            None => Box::new(store),
+        };
         Core::new(
             core_dir,
-            Box::new(store),
+            store,
             Box::new(history),
             changed,
             max_attempts,
@@ -163,10 +183,31 @@ pub async fn run(
         config,
         shutdown: shutdown.clone(),
         warned_unchecked_token: std::sync::atomic::AtomicBool::new(false),
-        log_changed,
+        log_changed: log_changed.clone(),
+        counters: counters.clone(),
     });
     let addr = listener.local_addr().map_err(open_err)?;
     info!(addr = %addr, results = %dir.display(), "listening");
+    let http_task = match (http, counters) {
+        (Some(http), Some(counters)) => {
+            let handle = crate::http::CoreHandle {
+                events: events.clone(),
+                log_changed,
+                results_dir: dir.clone(),
+                token: ctx.config.token.clone(),
+                counters,
+            };
+            let shutdown = shutdown.clone();
+            Some(tokio::spawn(async move {
+                if let Err(e) =
+                    crate::http::serve(http.listener, http.config, handle, shutdown).await
+                {
+                    warn!(error = %e, "the http server stopped");
+                }
+            }))
+        }
+        _ => None,
+    };
 
     let tracker = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -208,6 +249,10 @@ pub async fn run(
     {
         warn!("some connections did not finish in time");
     }
+    if let Some(task) = http_task {
+        // It caps its own drain; it holds a sender of the core's queue until it ends.
+        let _ = task.await;
+    }
     let mut pending = Some(Event::Shutdown);
     while let Some(ev) = pending.take() {
         if let Err(mpsc::TrySendError::Full(ev)) = events.try_send(ev) {
@@ -230,6 +275,9 @@ fn event_queue() -> (mpsc::SyncSender<Event>, mpsc::Receiver<Event>) {
 
 /// Hands `ev` to the core, waiting while its queue is full; `Err` once the core is gone.
 async fn feed(ctx: &Ctx, mut ev: Event) -> Result<(), ()> {
+    if let Some(c) = &ctx.counters {
+        c.observe(&ev);
+    }
     loop {
         match ctx.events.try_send(ev) {
             Ok(()) => return Ok(()),
