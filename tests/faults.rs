@@ -59,8 +59,7 @@ fn dispatcher_kill_and_restart_loses_nothing_and_adopts_running_jobs() -> Result
         queued.push(c.commit(&format!("queued {i}"), &[(".tinyci.toml", &spec)])?);
     }
     let last = queued[2].clone();
-    c.dispatcher()
-        .wait_for(&["queued", &format!("commit={last}")], WAIT)?;
+    c.wait_known(&last)?;
     wait_until("output of the running job on disk", WAIT, || {
         c.log_text(&a).contains("line 5\n")
     })?;

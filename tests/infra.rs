@@ -121,8 +121,7 @@ fn runner_sigterm_finishes_and_reports_its_job_then_exits() -> Result<()> {
     c.runners[0].wait_for(&["draining"], WAIT)?;
     // A commit that arrives now is not the draining runner's.
     let next = c.commit("after the signal", &[("f.txt", "next")])?;
-    c.dispatcher()
-        .wait_for(&["queued", &format!("commit={next}")], WAIT)?;
+    c.wait_known(&next)?;
     let status = c.runners[0]
         .wait_exit(WAIT)
         .ok_or_else(|| anyhow::anyhow!("the draining runner did not exit"))?;
@@ -249,8 +248,7 @@ fn black_holed_idle_runner_reconnects_after_the_partition_heals() -> Result<()> 
     c.runners[i].wait_for(&["heard nothing from the dispatcher"], WAIT)?;
     c.dispatcher().wait_for(&["heartbeat timeout"], WAIT)?;
     let sha = c.commit("during the partition", &[("f.txt", "partitioned")])?;
-    c.dispatcher()
-        .wait_for(&["queued", &format!("commit={sha}")], WAIT)?;
+    c.wait_known(&sha)?;
     ensure!(!c.json_path(&sha).exists());
 
     proxy.heal();
