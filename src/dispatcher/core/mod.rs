@@ -293,11 +293,22 @@ impl Core {
                 self.requeue_orphans(&mut batch);
             }
             let mut stop = false;
+            // Whether anything a log follower waits for may have happened: output, a run
+            // starting or ending. A client's question alone changes nothing (and must not
+            // wake the followers, whose own questions would wake them again, round and
+            // round).
+            let mut changed = first.is_none();
             for ev in first.into_iter().chain(rx.try_iter().take(MAX_BATCH)) {
                 if matches!(ev, Event::Shutdown) {
                     stop = true;
                     break;
                 }
+                changed |= match &ev {
+                    Event::Client { req, .. } => {
+                        matches!(req, tinyci_proto::ToDispatcher::Cancel { .. })
+                    }
+                    _ => true,
+                };
                 self.handle(ev, &mut batch);
             }
             // No new work while the database cannot record it (a runner whose result is
@@ -319,7 +330,9 @@ impl Core {
             self.writer.write(results);
             self.mend_torn_logs();
             // Logs grew, runs started or ended: followers look again.
-            self.changed.send_modify(|n| *n = n.wrapping_add(1));
+            if changed {
+                self.changed.send_modify(|n| *n = n.wrapping_add(1));
+            }
             if stop {
                 if self.store.has_staged() {
                     tracing::error!("stopping with changes the database could not record: unacknowledged results will be reported again by their runners, or run again");
