@@ -66,6 +66,14 @@ fn wait_status(c: &Cluster, ok: impl Fn(&Value) -> bool) -> Result<Value> {
     }
 }
 
+/// A dispatcher alone: the test starts the runners and the observer it needs.
+fn no_processes() -> Opts {
+    Opts {
+        runners: 0,
+        ..no_observer()
+    }
+}
+
 fn no_observer() -> Opts {
     Opts {
         observer: false,
@@ -420,14 +428,7 @@ fn commit_in(dir: &Path, msg: &str, files: &[(&str, &str)]) -> Result<String> {
 
 #[test]
 fn git_push_shows_the_run_and_its_verdict() -> Result<()> {
-    let mut c = Cluster::start(
-        bins(),
-        Opts {
-            runners: 0,
-            observer: false,
-            ..Opts::default()
-        },
-    )?;
+    let mut c = Cluster::start(bins(), no_processes())?;
     let (_bare, work) = push_setup(&mut c, false)?;
     let sha = commit_in(
         &work,
@@ -472,14 +473,7 @@ fn git_push_shows_the_run_and_its_verdict() -> Result<()> {
 
 #[test]
 fn a_pusher_that_vanishes_leaves_no_hook_behind() -> Result<()> {
-    let mut c = Cluster::start(
-        bins(),
-        Opts {
-            runners: 0,
-            observer: false,
-            ..Opts::default()
-        },
-    )?;
+    let mut c = Cluster::start(bins(), no_processes())?;
     let (bare, work) = push_setup(&mut c, false)?;
     let sha = commit_in(
         &work,
