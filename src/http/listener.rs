@@ -85,6 +85,25 @@ pub(crate) struct Guarded {
 }
 
 impl Guarded {
+    /// The outcome of a write: bytes written count as progress; a write that cannot go on
+    /// waits on the idle deadline, and fails once it passes.
+    fn wrote(
+        &mut self,
+        cx: &mut Context<'_>,
+        res: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match res {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.progressed();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => self.idle(cx).map(Err),
+        }
+    }
+
     fn progressed(&mut self) {
         let at = Instant::now() + self.idle_timeout;
         self.deadline.as_mut().reset(at);
@@ -130,16 +149,8 @@ impl AsyncWrite for Guarded {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.stream).poll_write(cx, data) {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    this.progressed();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => this.idle(cx).map(Err),
-        }
+        let res = Pin::new(&mut this.stream).poll_write(cx, data);
+        this.wrote(cx, res)
     }
 
     fn poll_write_vectored(
@@ -148,16 +159,8 @@ impl AsyncWrite for Guarded {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.stream).poll_write_vectored(cx, bufs) {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    this.progressed();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => this.idle(cx).map(Err),
-        }
+        let res = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.wrote(cx, res)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -255,12 +255,10 @@ impl Core {
         batch: &mut Batch,
         now: SystemTime,
     ) -> Result<FromDispatcher, FromDispatcher> {
-        if self.trouble.is_some() {
-            if let Some(t) = &self.trouble {
-                return Err(FromDispatcher::Error {
-                    reason: format!("the dispatcher cannot record a cancel now: {t}"),
-                });
-            }
+        if let Some(t) = &self.trouble {
+            return Err(FromDispatcher::Error {
+                reason: format!("the dispatcher cannot record a cancel now: {t}"),
+            });
         }
         match self.sched.cancel(commit, now) {
             Some(Cancel::Running { runner, job }) => {
