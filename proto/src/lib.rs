@@ -246,6 +246,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
+    /// Sends several messages with one flush (one write for what fits the buffer), failing
+    /// if the peer does not take them within [`SEND_TIMEOUT`].
+    pub async fn send_all<M: Serialize>(&mut self, msgs: &[M]) -> Result<(), ProtoError> {
+        let bodies = msgs
+            .iter()
+            .map(|m| encode(m).map(Bytes::from))
+            .collect::<Result<Vec<_>, _>>()?;
+        let send = async {
+            for body in bodies {
+                self.framed.feed(body).await?;
+            }
+            SinkExt::<Bytes>::flush(&mut self.framed).await
+        };
+        match tokio::time::timeout(SEND_TIMEOUT, send).await {
+            Ok(res) => res.map_err(ProtoError::from),
+            Err(_) => Err(ProtoError::Timeout(SEND_TIMEOUT, "the peer to read")),
+        }
+    }
+
     /// Receives one message; `Ok(None)` when the peer closed cleanly between frames.
     ///
     /// Cancel-safe: a partly received frame stays buffered for the next call, so this can

@@ -138,6 +138,8 @@ pub async fn run(
         .as_ref()
         .map(|_| Arc::new(crate::http::metrics::Counters::default()));
     let core_counters = counters.clone();
+    let (events, rx) = event_queue();
+    let wake_events = events.clone();
     let core = tokio::task::spawn_blocking(move || {
         let db_err = |source| DispatcherError::Database {
             dir: core_dir.display().to_string(),
@@ -159,12 +161,16 @@ pub async fn run(
             max_attempts,
             unfinished,
             grace,
+            // A full queue needs no wake-up: the core is busy with it, and looks at the
+            // store's answers after every batch.
+            move || {
+                let _ = wake_events.try_send(Event::Wake);
+            },
         )
         .map_err(DispatcherError::from)
     })
     .await
     .map_err(|_| DispatcherError::CoreDied)??;
-    let (events, rx) = event_queue();
     let core_shutdown = shutdown.clone();
     let core_thread = std::thread::Builder::new()
         .name("dispatcher-core".into())
@@ -510,7 +516,16 @@ async fn runner_loop(
                 return Ok(Ended::Shutdown);
             }
             out = rx.recv() => match out {
-                Some(msg) => conn.send(&msg).await?,
+                Some(msg) => {
+                    // What the core let out together (a result's acknowledgement and the
+                    // next job) goes out in one write.
+                    let mut msgs = vec![msg];
+                    while msgs.len() < 64 {
+                        let Ok(more) = rx.try_recv() else { break };
+                        msgs.push(more);
+                    }
+                    conn.send_all(&msgs).await?
+                }
                 None => return Ok(Ended::Lost("dropped by the core".into())),
             },
             _ = ping.tick() => {

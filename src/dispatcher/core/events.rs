@@ -66,7 +66,7 @@ impl Core {
                 report,
                 log_len,
             } => self.done(runner, job, report, log_len, batch, now),
-            Event::Shutdown => {}
+            Event::Shutdown | Event::Wake => {}
         }
     }
 
@@ -95,11 +95,12 @@ impl Core {
             Box::new(commits.into_iter())
         };
         for commit in order {
-            // Queued or running: the scheduler knows. Finished: only the store does.
-            let recorded = if self.sched.is_active(&commit) {
+            // Queued or running: the scheduler knows. Finished: the database does, or,
+            // until that is durable, the store thread.
+            let recorded = if self.sched.is_active(&commit) || self.store.is_finishing(&commit) {
                 true
             } else {
-                match self.store.is_recorded(&commit) {
+                match self.history.is_recorded(&commit) {
                     // A finished commit is queued again only when a re-run is asked for.
                     Ok(r) => r && !rerun,
                     Err(e) => {

@@ -1,12 +1,15 @@
-//! The dispatcher's single owner: one OS thread that holds the [`Scheduler`], the
-//! [`Store`], the open log files and the channels to the runner connections, and is fed
+//! The dispatcher's single owner: one OS thread that holds the [`Scheduler`], the store's
+//! handle, the open log files and the channels to the runner connections, and is fed
 //! [`Event`]s by the connection tasks.
 //!
-//! Being one synchronous thread, it may block on the database and on files freely (never
-//! an async worker thread) and needs no locks. It takes events in batches — everything
-//! waiting in the channel, up to [`MAX_BATCH`] — and makes the whole batch's changes
-//! durable in one database transaction before any acknowledgement of it leaves (group
-//! commit), so a burst of submissions costs one fsync, not one each.
+//! Being one synchronous thread, it may block on files and on the database's read side
+//! freely (never an async worker thread) and needs no locks. It takes events in batches —
+//! everything waiting in the channel, up to [`MAX_BATCH`] — and hands each batch's changes
+//! to the store thread ([`StoreThread`]), which makes them durable in one transaction
+//! (group commit: batches that wait for an fsync share the next one). Nothing a batch
+//! promised (replies, result acknowledgements, assignments, result files, the log lines
+//! that say so) leaves before that transaction is durable; meanwhile this thread goes on
+//! with the next batch.
 //!
 //! Pieces: [`events`] decides what each event does; [`log_sink`] keeps each attempt's log;
 //! [`result_writer`] writes result files off this thread; recovery at start is
@@ -17,7 +20,7 @@ mod events;
 pub mod log_sink;
 pub mod result_writer;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime};
@@ -32,6 +35,7 @@ use self::log_sink::LogSink;
 use self::result_writer::ResultWriter;
 use super::recovery;
 use super::state::{Assignment, Scheduler};
+use super::store::thread::{Committed, StoreThread};
 use super::store::{History, Op, Store, StoreError, Unfinished};
 use crate::results::ResultFile;
 
@@ -132,6 +136,9 @@ pub enum Event {
         /// Total output bytes of the attempt.
         log_len: u64,
     },
+    /// The store thread has an answer (nothing else to do: the core looks at its answers
+    /// after every wake-up).
+    Wake,
     /// Stop the loop.
     Shutdown,
 }
@@ -175,14 +182,13 @@ struct Batch {
 }
 
 impl Batch {
-    /// Adds what `later` holds after what this batch holds.
-    fn extend(&mut self, later: Batch) {
-        self.acks.extend(later.acks);
-        self.results.extend(later.results);
-        self.result_acks.extend(later.result_acks);
-        self.reported_by.extend(later.reported_by);
-        self.queued.extend(later.queued);
-        self.assigns.extend(later.assigns);
+    /// Whether it promised nothing.
+    fn is_empty(&self) -> bool {
+        self.acks.is_empty()
+            && self.results.is_empty()
+            && self.result_acks.is_empty()
+            && self.queued.is_empty()
+            && self.assigns.is_empty()
     }
 }
 
@@ -192,12 +198,13 @@ fn submissions_refused(why: &dyn std::fmt::Display) -> String {
 }
 
 /// How often a database that cannot be written is tried again.
-pub const STORE_RETRY: Duration = Duration::from_millis(500);
+pub use super::store::thread::STORE_RETRY;
 
 /// The core's state.
 pub struct Core {
     sched: Scheduler,
-    store: Box<dyn Store + Send>,
+    /// The store, committing on its own thread.
+    store: StoreThread,
     dir: PathBuf,
     runners: HashMap<RunnerId, UnboundedSender<FromDispatcher>>,
     logs: HashMap<JobId, LogSink>,
@@ -206,12 +213,13 @@ pub struct Core {
     orphan_deadline: Option<Instant>,
     writer: ResultWriter,
     /// Why the database cannot be written now (a full disk…), while that lasts: new
-    /// submissions are refused with this reason, no new work is handed out, and the commit
-    /// is retried every [`STORE_RETRY`].
+    /// submissions are refused with this reason, no new work is handed out, and the store
+    /// thread retries the commit every [`STORE_RETRY`].
     trouble: Option<String>,
-    /// Replies, results, result acknowledgements and assignments of batches whose
-    /// transaction failed: held until a retry makes their changes durable.
-    unsynced: Batch,
+    /// Batches whose ops are not durable yet, oldest first, with the sequence number they
+    /// wait for: their replies, results, result acknowledgements and assignments are let
+    /// out, in order, once it is.
+    pending: VecDeque<(u64, Batch)>,
     /// Logs of ended attempts that lost output and could not say so yet: the line that
     /// marks the gap is written as soon as writing works again.
     torn_logs: Vec<LogSink>,
@@ -224,7 +232,10 @@ pub struct Core {
 impl Core {
     /// A core over an opened store, with the unfinished commits it holds restored
     /// ([`recovery::restore`]). Attempts that were running wait `adoption_grace` for their
-    /// runner.
+    /// runner. The store moves to a thread of its own; `wake` is called from it whenever
+    /// it has an answer for the core (it should make [`Core::run`]'s receiver see an
+    /// event).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         dir: PathBuf,
         store: Box<dyn Store + Send>,
@@ -233,19 +244,23 @@ impl Core {
         max_attempts: u32,
         unfinished: Vec<Unfinished>,
         adoption_grace: Duration,
+        wake: impl Fn() + Send + 'static,
     ) -> Result<Core, StorageError> {
-        let writer = ResultWriter::start(dir.clone()).map_err(|e| {
+        let thread_err = |what: &str, e| {
             StorageError::new(
-                "starting the result writer",
+                format!("starting the {what}"),
                 StoreError::Io {
                     what: "spawning its thread".into(),
                     source: e,
                 },
             )
-        })?;
+        };
+        let writer =
+            ResultWriter::start(dir.clone()).map_err(|e| thread_err("result writer", e))?;
         let mut sched = Scheduler::new(max_attempts);
         let restored = recovery::restore(&mut sched, &dir, unfinished, adoption_grace)
             .map_err(|e| StorageError::new("restoring the queue", e))?;
+        let store = StoreThread::start(store, wake).map_err(|e| thread_err("store", e))?;
         Ok(Core {
             sched,
             store,
@@ -256,7 +271,7 @@ impl Core {
             orphan_deadline: restored.orphan_deadline,
             writer,
             trouble: None,
-            unsynced: Batch::default(),
+            pending: VecDeque::new(),
             torn_logs: Vec::new(),
             history,
             changed,
@@ -266,10 +281,8 @@ impl Core {
     /// Runs until [`Event::Shutdown`] or until every sender is gone.
     pub fn run(mut self, rx: Receiver<Event>) -> Result<(), StorageError> {
         loop {
-            // A database in trouble is retried even when no event comes.
-            let retry =
-                (self.trouble.is_some() || self.store.has_staged() || !self.torn_logs.is_empty())
-                    .then(|| Instant::now() + STORE_RETRY);
+            // Logs that owe a line about lost output are retried even when no event comes.
+            let retry = (!self.torn_logs.is_empty()).then(|| Instant::now() + STORE_RETRY);
             let wake = match (self.orphan_deadline, retry) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -287,6 +300,8 @@ impl Core {
                     Err(_) => return Ok(()),
                 },
             };
+            // What the store thread made durable (or failed to) since the last look.
+            let mut changed = self.settle();
             let mut batch = Batch::default();
             if self.orphan_deadline.is_some_and(|d| d <= Instant::now()) {
                 self.orphan_deadline = None;
@@ -296,14 +311,15 @@ impl Core {
             // Whether anything a log follower waits for may have happened: output, a run
             // starting or ending. A client's question alone changes nothing (and must not
             // wake the followers, whose own questions would wake them again, round and
-            // round).
-            let mut changed = first.is_none();
+            // round); neither does the store thread's wake-up call.
+            changed |= first.is_none();
             for ev in first.into_iter().chain(rx.try_iter().take(MAX_BATCH)) {
-                if matches!(ev, Event::Shutdown) {
-                    stop = true;
-                    break;
-                }
                 changed |= match &ev {
+                    Event::Shutdown => {
+                        stop = true;
+                        break;
+                    }
+                    Event::Wake => false,
                     Event::Client { req, .. } => {
                         matches!(req, tinyci_proto::ToDispatcher::Cancel { .. })
                     }
@@ -313,8 +329,8 @@ impl Core {
             }
             // No new work while the database cannot record it (a runner whose result is
             // not yet acknowledged must not be handed another job), nor when stopping (no
-            // runner would hear of it). Jobs handed out now are recorded in this batch's
-            // transaction and sent only after it.
+            // runner would hear of it). Jobs handed out now are recorded with this batch
+            // and sent only once that is durable.
             if self.trouble.is_none() && !stop {
                 self.dispatch(&mut batch);
             }
@@ -322,33 +338,104 @@ impl Core {
             if !durable.is_empty() {
                 self.store.stage(Op::FilesDurable { commits: durable });
             }
-            // One transaction makes the batch durable; then the acknowledgements, then the
-            // assignments (after the acks, so a runner hears its result was taken before
-            // it is handed the next job); the result files and log files, the slow part on
-            // some disks, come last, while the runners already work.
-            let results = self.commit(batch);
-            self.writer.write(results);
+            // The batch's ops go to the store thread, which commits them (with any other
+            // batch waiting) while this thread goes on; what the batch promised waits for
+            // that commit. A batch that staged nothing waits for the batches before it.
+            let seq = self.store.send();
+            self.pending.push_back((seq, batch));
+            changed |= self.release();
             self.mend_torn_logs();
             // Logs grew, runs started or ended: followers look again.
             if changed {
                 self.changed.send_modify(|n| *n = n.wrapping_add(1));
             }
             if stop {
-                if self.store.has_staged() {
-                    tracing::error!("stopping with changes the database could not record: unacknowledged results will be reported again by their runners, or run again");
-                }
-                return Ok(());
+                return self.finish();
             }
         }
     }
 
-    /// Makes a batch durable — every op it staged, in one transaction — and only then lets
-    /// its acknowledgements and assignments out. Returns the result files to write.
-    ///
-    /// If the transaction fails, the observers are told their commits were not accepted
-    /// (they keep them and submit again), and everything else is held, with the ops, until
-    /// a later commit succeeds: nothing is acknowledged that is not durable.
-    fn commit(&mut self, batch: Batch) -> Vec<ResultFile> {
+    /// At a stop: waits until the store thread has made every batch durable, and lets out
+    /// what they promised. A database that cannot be written ends the wait (what it could
+    /// not record is reported again by the runners, or run again).
+    fn finish(mut self) -> Result<(), StorageError> {
+        while self.store.has_unsettled() {
+            match self.store.wait() {
+                Some(Committed::Failed { .. }) | None => {
+                    tracing::error!("stopping with changes the database could not record: unacknowledged results will be reported again by their runners, or run again");
+                    return Ok(());
+                }
+                Some(Committed::Durable(upto)) => {
+                    self.store_works();
+                    self.release_upto(upto);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes in the store thread's answers: notes trouble, refuses the submissions of
+    /// failed batches, and lets out what durable batches promised. Returns whether any
+    /// batch was let out.
+    fn settle(&mut self) -> bool {
+        for answer in self.store.answers() {
+            match answer {
+                Committed::Durable(_) => self.store_works(),
+                Committed::Failed { upto, error } => {
+                    self.store_failed(&error);
+                    // The observers are told their commits were not accepted (they keep
+                    // them and submit again); everything else is held, with the ops, until
+                    // a retry succeeds.
+                    let reason = submissions_refused(&error);
+                    for (_, batch) in self.pending.iter_mut().take_while(|(s, _)| *s <= upto) {
+                        for (reply, msg) in batch.acks.drain(..) {
+                            let answer = match msg {
+                                FromDispatcher::Submitted { .. }
+                                | FromDispatcher::Cancelled { .. } => FromDispatcher::Error {
+                                    reason: reason.clone(),
+                                },
+                                refusal => refusal,
+                            };
+                            let _ = reply.send(answer);
+                        }
+                    }
+                }
+            }
+        }
+        self.release()
+    }
+
+    /// Lets out what every durable batch promised, oldest first. Returns whether any
+    /// batch was let out.
+    fn release(&mut self) -> bool {
+        let mut any = false;
+        while let Some((seq, _)) = self.pending.front() {
+            if !self.store.is_durable(*seq) {
+                break;
+            }
+            let Some((_, batch)) = self.pending.pop_front() else {
+                break;
+            };
+            any |= !batch.is_empty();
+            self.release_batch(batch);
+        }
+        any
+    }
+
+    /// [`Core::release`] for a stop, when the store's answers are waited for.
+    fn release_upto(&mut self, upto: u64) {
+        while self.pending.front().is_some_and(|(s, _)| *s <= upto) {
+            if let Some((_, batch)) = self.pending.pop_front() {
+                self.release_batch(batch);
+            }
+        }
+    }
+
+    /// Lets out what a durable batch promised: the replies, then the result
+    /// acknowledgements, then the assignments (after the acks, so a runner hears its
+    /// result was taken before it is handed the next job); the result files, the slow part
+    /// on some disks, come last, written by their own thread while the runners work.
+    fn release_batch(&mut self, batch: Batch) {
         let Batch {
             acks,
             results,
@@ -357,40 +444,14 @@ impl Core {
             queued,
             assigns,
         } = batch;
-        self.unsynced.extend(Batch {
-            acks: Vec::new(),
-            results,
-            result_acks,
-            reported_by,
-            queued,
-            assigns,
-        });
-        if let Err(e) = self.store.commit() {
-            self.store_failed(&e);
-            let reason = submissions_refused(&e);
-            for (reply, msg) in acks {
-                let answer = match msg {
-                    FromDispatcher::Submitted { .. } | FromDispatcher::Cancelled { .. } => {
-                        FromDispatcher::Error {
-                            reason: reason.clone(),
-                        }
-                    }
-                    refusal => refusal,
-                };
-                let _ = reply.send(answer);
-            }
-            return Vec::new();
-        }
-        self.store_works();
-        let held = std::mem::take(&mut self.unsynced);
-        for commit in &held.queued {
+        for commit in &queued {
             info!(commit = %commit, "queued");
         }
         for (reply, msg) in acks {
             let _ = reply.send(msg);
         }
-        for r in &held.results {
-            match held.reported_by.get(&r.commit) {
+        for r in &results {
+            match reported_by.get(&r.commit) {
                 Some((job, runner)) => {
                     info!(commit = %r.commit, status = ?r.status, runner = %runner, attempts = r.attempts, job = %job, "result recorded")
                 }
@@ -400,12 +461,12 @@ impl Core {
                 }
             }
         }
-        for (runner, job, accepted) in held.result_acks {
+        for (runner, job, accepted) in result_acks {
             if let Some(tx) = self.runners.get(&runner) {
                 let _ = tx.send(FromDispatcher::ResultAck { job, accepted });
             }
         }
-        for a in held.assigns {
+        for a in assigns {
             info!(commit = %a.commit, runner = %a.runner, addr = %a.addr, attempt = a.attempt, job = %a.job, "assigned");
             if let Some(tx) = self.runners.get(&a.runner) {
                 // If the connection task is gone, its RunnerLost event is on the way and
@@ -416,7 +477,7 @@ impl Core {
                 });
             }
         }
-        held.results
+        self.writer.write(results);
     }
 
     /// Notes that the database cannot be written: logged once, until it works again.

@@ -45,7 +45,10 @@ impl ResultWriter {
         let (durable_tx, durable) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("result-writer".into())
-            .spawn(move || write_results_until_written(&dir, &rx, &durable_tx))?;
+            .spawn(move || {
+                yield_to_the_core();
+                write_results_until_written(&dir, &rx, &durable_tx)
+            })?;
         Ok(ResultWriter {
             tx: Some(tx),
             durable,
@@ -66,6 +69,26 @@ impl ResultWriter {
     /// The commits whose result files were synced since the last call.
     pub fn durable(&self) -> Vec<CommitId> {
         self.durable.try_iter().flatten().collect()
+    }
+}
+
+/// How much lower than the dispatcher's other threads the writer runs (its nice value).
+const WRITER_NICENESS: i32 = 10;
+
+/// Lowers the calling thread's priority by [`WRITER_NICENESS`]. Files are rendered from
+/// what the database already holds, so when the CPU is short (a burst of results, or
+/// runners sharing the machine) the threads that acknowledge results and hand out work
+/// go first and the files trail a little; with a CPU to spare nothing changes. Not
+/// starved: a niceness of 10 still gets about a tenth of a busy CPU. Best effort.
+fn yield_to_the_core() {
+    // SAFETY: gettid(2) and setpriority(2) on the calling thread only (on Linux a nice
+    // value belongs to the thread); no pointers are involved.
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, WRITER_NICENESS)
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the result writer's priority");
     }
 }
 

@@ -11,12 +11,14 @@
 //! disk) is rolled back and its ops stay staged, in order, to be applied again whole by
 //! the next [`Store::commit`]; nothing staged is lost and nothing is applied twice.
 //!
-//! Ownership: the writing side ([`sqlite::SqliteStore`]) is owned by the dispatcher's core
-//! thread and used by nothing else, so no database call ever runs on an async worker
-//! thread. Readers (the [`History`] queries, for the client and the HTTP API) open
+//! Ownership: the writing side ([`sqlite::SqliteStore`]) is owned by one thread, the
+//! store thread ([`thread::StoreThread`]), and used by nothing else, so no database call
+//! ever runs on an async worker thread; the core hands it each batch's ops and goes on
+//! with the next batch while the transaction commits. Readers (the [`History`] queries, for the client and the HTTP API) open
 //! connections of their own, read-only; WAL lets them read while the core writes.
 
 pub mod sqlite;
+pub mod thread;
 
 use std::time::SystemTime;
 
@@ -360,6 +362,8 @@ pub trait History {
     fn queue(&self) -> Result<Vec<RunSummary>, StoreError>;
     /// Up to `max` commits whose id starts with `prefix` (lowercase hex), in id order.
     fn by_prefix(&self, prefix: &str, max: u32) -> Result<Vec<CommitId>, StoreError>;
+    /// Whether the commit was ever accepted (queued, running or finished).
+    fn is_recorded(&self, commit: &CommitId) -> Result<bool, StoreError>;
     /// How many runs are in each state.
     fn counts(&self) -> Result<Vec<(RunState, u64)>, StoreError>;
 }

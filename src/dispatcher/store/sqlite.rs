@@ -917,6 +917,13 @@ impl History for SqliteReader {
         rows.iter().map(|s| commit_id(s)).collect()
     }
 
+    fn is_recorded(&self, commit: &CommitId) -> Result<bool, StoreError> {
+        self.conn
+            .prepare_cached("SELECT 1 FROM commits WHERE sha = ?1")
+            .and_then(|mut s| s.exists([commit.as_str()]))
+            .map_err(db("looking a commit up"))
+    }
+
     fn counts(&self) -> Result<Vec<(RunState, u64)>, StoreError> {
         let rows = self
             .conn
