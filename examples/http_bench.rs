@@ -1,10 +1,13 @@
-//! The HTTP server's benchmark: requests per second for `GET /runs?limit=50` with a long
-//! history, and the time from a result reaching the dispatcher to its Server-Sent Event
-//! reaching a client.
+//! The HTTP server's benchmark: requests per second for `GET /runs?limit=50` (newest,
+//! filtered by status, deep in the history) and `GET /metrics` with a long history, the
+//! time `tinyci status` takes there, and the time from a result reaching the dispatcher to
+//! its Server-Sent Event reaching a client.
 //!
 //! Run with `cargo build --release --bins --examples && cargo run --release --example
-//! http_bench -- [--runs N] [--seconds S] [--events N]` (defaults: 100000 runs, 5 s, 100
-//! events). The history is written straight into a fresh results directory's database (as
+//! http_bench -- [--runs N] [--seconds S] [--events N] [--schema-v2]` (defaults: 100000
+//! runs, 5 s, 100 events; `--schema-v2` takes the database back to schema version 2 after
+//! filling it, to measure binaries of a dispatcher from before version 3 placed beside
+//! this one). The history is written straight into a fresh results directory's database (as
 //! imported runs), then the real dispatcher serves it; a simulated runner speaking the real
 //! protocol finishes each submitted commit at once. It is a benchmark, not a test: it
 //! prints figures and asserts nothing about time.
@@ -30,6 +33,7 @@ struct Args {
     seconds: u64,
     events: usize,
     clients: usize,
+    schema_v2: bool,
 }
 
 fn args() -> Result<Args> {
@@ -38,6 +42,7 @@ fn args() -> Result<Args> {
         seconds: 5,
         events: 100,
         clients: 4,
+        schema_v2: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -47,6 +52,7 @@ fn args() -> Result<Args> {
             "--seconds" => a.seconds = value()?.parse()?,
             "--events" => a.events = value()?.parse()?,
             "--clients" => a.clients = value()?.parse()?,
+            "--schema-v2" => a.schema_v2 = true,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -58,7 +64,7 @@ fn sha(i: usize) -> CommitId {
 }
 
 /// Writes `n` finished runs into a fresh database in `dir`.
-fn fill_history(dir: &std::path::Path, n: usize) -> Result<()> {
+fn fill_history(dir: &std::path::Path, n: usize, schema_v2: bool) -> Result<()> {
     tinyci::results::prepare_dir(dir)?;
     let mut store = SqliteStore::open(dir)?;
     let start = SystemTime::now() - Duration::from_secs(n as u64 * 60);
@@ -96,6 +102,13 @@ fn fill_history(dir: &std::path::Path, n: usize) -> Result<()> {
         }
         store.stage(Op::FilesDurable { commits });
         store.commit()?;
+    }
+    if schema_v2 {
+        store.connection().execute_batch(
+            "DROP TRIGGER run_counts_insert; DROP TRIGGER run_counts_delete;
+             DROP TRIGGER run_counts_leave; DROP TRIGGER run_counts_enter;
+             DROP TABLE run_counts; PRAGMA user_version = 2;",
+        )?;
     }
     Ok(())
 }
@@ -136,6 +149,33 @@ async fn sim_runner(addr: String, sent: Arc<Mutex<HashMap<String, Instant>>>) ->
     }
 }
 
+/// Requests per second for `url` over `seconds`, `clients` at a time.
+async fn rate(http: &reqwest::Client, url: &str, clients: usize, seconds: u64) -> Result<f64> {
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let http = http.clone();
+        let url = url.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < until {
+                let r = http.get(&url).send().await?;
+                if !r.status().is_success() {
+                    bail!("GET {url}: {}", r.status());
+                }
+                r.bytes().await?;
+                n += 1;
+            }
+            Ok::<_, anyhow::Error>(n)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total as f64 / seconds as f64)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -153,7 +193,7 @@ async fn main() -> Result<()> {
         .tempdir()?;
     let results = tmp.path().join("results");
     let t = Instant::now();
-    fill_history(&results, a.runs)?;
+    fill_history(&results, a.runs, a.schema_v2)?;
     println!(
         "history: {} runs written in {:.1} s",
         a.runs,
@@ -189,34 +229,51 @@ async fn main() -> Result<()> {
     if page["total"] != a.runs || page["data"].as_array().map(Vec::len) != Some(50) {
         bail!("unexpected first page: total {}", page["total"]);
     }
-    let until = Instant::now() + Duration::from_secs(a.seconds);
-    let mut tasks = Vec::new();
-    for _ in 0..a.clients {
-        let http = http.clone();
-        let url = format!("{base}/runs?limit=50");
-        tasks.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            while Instant::now() < until {
-                let r = http.get(&url).send().await?;
-                if !r.status().is_success() {
-                    bail!("GET /runs: {}", r.status());
-                }
-                r.bytes().await?;
-                n += 1;
-            }
-            Ok::<_, anyhow::Error>(n)
-        }));
+    for (path, what) in [
+        ("/runs?limit=50", "GET /runs?limit=50"),
+        (
+            "/runs?limit=50&status=failure",
+            "GET /runs?limit=50&status=failure",
+        ),
+        (
+            "/runs?limit=50&offset=5000",
+            "GET /runs?limit=50&offset=5000",
+        ),
+        (
+            "/metrics",
+            "GET /metrics (the status: counts of runs by state)",
+        ),
+    ] {
+        let n = rate(&http, &format!("{base}{path}"), a.clients, a.seconds).await?;
+        println!(
+            "{what} with {} runs in history: {:.0} requests/s ({} clients, {} s)",
+            a.runs, n, a.clients, a.seconds
+        );
     }
-    let mut total = 0;
-    for t in tasks {
-        total += t.await??;
+
+    // `tinyci status`, the whole command (a process, a connection, the status), one at a
+    // time.
+    let mut took = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let out = Command::new(&bins.tinyci)
+            .args(["--dispatcher-server", &addr, "status"])
+            .env_remove("TINYCI_TOKEN")
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "tinyci status: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        took.push(t.elapsed());
     }
+    took.sort();
     println!(
-        "GET /runs?limit=50 with {} runs in history: {:.0} requests/s ({} clients, {} s)",
+        "`tinyci status` with {} runs in history, 20 runs one after another: median {:.1} ms, max {:.1} ms",
         a.runs,
-        total as f64 / a.seconds as f64,
-        a.clients,
-        a.seconds
+        percentile(&took, 0.5).as_secs_f64() * 1000.0,
+        took.last().copied().unwrap_or_default().as_secs_f64() * 1000.0,
     );
 
     // Result → event latency: a simulated runner finishes each commit at once; the live
