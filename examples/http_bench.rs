@@ -104,11 +104,9 @@ fn fill_history(dir: &std::path::Path, n: usize, schema_v2: bool) -> Result<()> 
         store.commit()?;
     }
     if schema_v2 {
-        store.connection().execute_batch(
-            "DROP TRIGGER run_counts_insert; DROP TRIGGER run_counts_delete;
-             DROP TRIGGER run_counts_leave; DROP TRIGGER run_counts_enter;
-             DROP TABLE run_counts; PRAGMA user_version = 2;",
-        )?;
+        store
+            .connection()
+            .execute_batch("DROP TABLE run_counts; PRAGMA user_version = 2;")?;
     }
     Ok(())
 }

@@ -149,6 +149,7 @@ pub async fn run(
         let unfinished = recovery::recover(&core_dir, &mut store).map_err(db_err)?;
         // Clients' questions are read on a connection of their own.
         let history = store::sqlite::SqliteReader::open(&core_dir).map_err(db_err)?;
+        let reads = store::sqlite::SqliteReader::open(&core_dir).map_err(db_err)?;
         let store: Box<dyn store::Store + Send> = match &core_counters {
             Some(c) => Box::new(crate::http::metrics::CountingStore::new(store, c.clone())),
             None => Box::new(store),
@@ -157,6 +158,7 @@ pub async fn run(
             core_dir,
             store,
             Box::new(history),
+            Box::new(reads),
             changed,
             max_attempts,
             unfinished,

@@ -1,8 +1,12 @@
 //! The core's answers to clients (`tinyci`, hooks, tests): the queue and the runners from
 //! the scheduler, the history from the database's read side, and cancelling. Questions
 //! are answered at once, from what is durable; a cancel's answer waits, like every
-//! acknowledgement, until the change is.
+//! acknowledgement, until the change is. The questions about the history alone (a page of
+//! runs, one run) are handed to the [`HistoryReader`] thread, so that a slow page never
+//! holds up dispatching.
 
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tinyci_proto::{
@@ -14,7 +18,7 @@ use tracing::{info, warn};
 
 use super::{Batch, Core};
 use crate::dispatcher::state::{Cancel, Failure};
-use crate::dispatcher::store::{self, AttemptEnd, Op, Outcome, RunFilter};
+use crate::dispatcher::store::{self, AttemptEnd, History, Op, Outcome, RunFilter};
 use crate::results::{self, ResultFile};
 
 /// The most runs one `Runs` answer lists.
@@ -65,6 +69,45 @@ fn outcome_word(o: Outcome) -> &'static str {
     o.as_str()
 }
 
+/// A question for the [`HistoryReader`] and where its answer goes.
+type HistoryQuestion = (ToDispatcher, oneshot::Sender<FromDispatcher>);
+
+/// The thread that answers the questions about the history alone (`Runs`, `Run`) on a
+/// read-only connection of its own, one after another, off the core's thread. It stops
+/// when the core drops it.
+pub(super) struct HistoryReader {
+    tx: mpsc::Sender<HistoryQuestion>,
+}
+
+impl HistoryReader {
+    /// Starts the thread over `history`, the database under `dir`.
+    pub(super) fn start(
+        history: Box<dyn History + Send>,
+        dir: PathBuf,
+    ) -> std::io::Result<HistoryReader> {
+        let (tx, rx) = mpsc::channel::<HistoryQuestion>();
+        std::thread::Builder::new()
+            .name("history-reader".into())
+            .spawn(move || {
+                for (req, reply) in rx {
+                    let _ = reply.send(answer_history(&*history, &dir, req));
+                }
+            })?;
+        Ok(HistoryReader { tx })
+    }
+}
+
+/// The answer to a question about the history alone.
+fn answer_history(history: &dyn History, dir: &Path, req: ToDispatcher) -> FromDispatcher {
+    match req {
+        ToDispatcher::Runs(q) => runs(history, q),
+        ToDispatcher::Run { prefix } => run_by_prefix(history, dir, &prefix),
+        other => FromDispatcher::Error {
+            reason: format!("not a question about the history: {other:?}"),
+        },
+    }
+}
+
 impl Core {
     /// Answers one client request.
     pub(super) fn client(
@@ -76,8 +119,17 @@ impl Core {
     ) {
         let answer = match req {
             ToDispatcher::Status => self.status(),
-            ToDispatcher::Runs(q) => self.runs(q),
-            ToDispatcher::Run { prefix } => self.run_by_prefix(&prefix),
+            req @ (ToDispatcher::Runs(_) | ToDispatcher::Run { .. }) => {
+                match self.reads.tx.send((req, reply)) {
+                    Ok(()) => return,
+                    // The reader thread is gone (it panicked): answered here instead.
+                    Err(mpsc::SendError((req, reply))) => {
+                        warn!("the history reader thread is gone; answering on the core");
+                        let _ = reply.send(answer_history(&*self.history, &self.dir, req));
+                        return;
+                    }
+                }
+            }
             ToDispatcher::Why { commit } => self.why(&commit),
             ToDispatcher::Cancel { commit } => match self.cancel(&commit, batch, now) {
                 // Durable first: the answer waits for this batch's transaction.
@@ -127,97 +179,6 @@ impl Core {
             runners: self.sched.runners_view(),
             counts,
             refusing: self.trouble.clone(),
-        }))
-    }
-
-    fn runs(&self, q: RunQuery) -> FromDispatcher {
-        let filter = RunFilter {
-            status: q.state.map(stored),
-            branch: q.branch,
-            limit: q.limit.clamp(1, MAX_RUNS_PAGE),
-            offset: u32::try_from(q.offset).unwrap_or(u32::MAX),
-        };
-        match self.history.runs(&filter) {
-            Ok(page) => FromDispatcher::Runs {
-                total: page.total,
-                runs: page.data.iter().map(summary).collect(),
-            },
-            Err(e) => Self::unreadable(&e),
-        }
-    }
-
-    /// The commit a prefix names: `Err` with the answer when none or several do.
-    fn resolve(&self, prefix: &str) -> Result<CommitId, FromDispatcher> {
-        if let Ok(id) = CommitId::parse(prefix) {
-            return Ok(id);
-        }
-        let found = self
-            .history
-            .by_prefix(prefix, MAX_CANDIDATES)
-            .map_err(|e| Self::unreadable(&e))?;
-        match found.len() {
-            0 => Err(FromDispatcher::NotFound {
-                what: format!("no run of a commit starting with {prefix}"),
-            }),
-            1 => Ok(found.into_iter().next().expect("one")),
-            _ => Err(FromDispatcher::Ambiguous { candidates: found }),
-        }
-    }
-
-    fn run_by_prefix(&self, prefix: &str) -> FromDispatcher {
-        let commit = match self.resolve(prefix) {
-            Ok(c) => c,
-            Err(answer) => return answer,
-        };
-        let detail = match self.history.run(&commit) {
-            Ok(Some(d)) => d,
-            Ok(None) => {
-                return FromDispatcher::NotFound {
-                    what: format!("no run of {commit}"),
-                }
-            }
-            Err(e) => return Self::unreadable(&e),
-        };
-        let reported = detail
-            .attempts
-            .iter()
-            .rev()
-            .find(|a| a.outcome == Outcome::Reported);
-        let last = detail.attempts.last();
-        let log_len = std::fs::metadata(results::log_path(&self.dir, &commit))
-            .map(|m| m.len())
-            .unwrap_or(0);
-        let mut sum = summary(&detail.summary);
-        if sum.failed_steps.is_empty() {
-            if let Some(r) = reported {
-                sum.failed_steps = r
-                    .steps
-                    .iter()
-                    .filter(|s| matches!(s.status, StepStatus::Failure | StepStatus::Timeout))
-                    .map(|s| s.name.clone())
-                    .collect();
-            }
-        }
-        FromDispatcher::Run(Box::new(RunDetail {
-            summary: sum,
-            steps: reported.map(|a| a.steps.clone()).unwrap_or_default(),
-            runner: reported.or(last).map(|a| a.runner.clone()),
-            started_at_ms: reported.or(last).map(|a| ms(a.started_at)),
-            error: detail.error,
-            attempts: detail
-                .attempts
-                .iter()
-                .map(|a| AttemptView {
-                    job: a.job,
-                    runner: a.runner.clone(),
-                    started_at_ms: ms(a.started_at),
-                    ended_at_ms: a.ended_at.map(ms),
-                    outcome: outcome_word(a.outcome).to_owned(),
-                    reason: a.reason.clone(),
-                })
-                .collect(),
-            log_len,
-            result_file: results::json_path(&self.dir, &commit).display().to_string(),
         }))
     }
 
@@ -307,4 +268,94 @@ impl Core {
             },
         }
     }
+}
+
+fn runs(history: &dyn History, q: RunQuery) -> FromDispatcher {
+    let filter = RunFilter {
+        status: q.state.map(stored),
+        branch: q.branch,
+        limit: q.limit.clamp(1, MAX_RUNS_PAGE),
+        offset: u32::try_from(q.offset).unwrap_or(u32::MAX),
+    };
+    match history.runs(&filter) {
+        Ok(page) => FromDispatcher::Runs {
+            total: page.total,
+            runs: page.data.iter().map(summary).collect(),
+        },
+        Err(e) => Core::unreadable(&e),
+    }
+}
+
+/// The commit a prefix names: `Err` with the answer when none or several do.
+fn resolve(history: &dyn History, prefix: &str) -> Result<CommitId, FromDispatcher> {
+    if let Ok(id) = CommitId::parse(prefix) {
+        return Ok(id);
+    }
+    let found = history
+        .by_prefix(prefix, MAX_CANDIDATES)
+        .map_err(|e| Core::unreadable(&e))?;
+    match found.len() {
+        0 => Err(FromDispatcher::NotFound {
+            what: format!("no run of a commit starting with {prefix}"),
+        }),
+        1 => Ok(found.into_iter().next().expect("one")),
+        _ => Err(FromDispatcher::Ambiguous { candidates: found }),
+    }
+}
+
+fn run_by_prefix(history: &dyn History, dir: &Path, prefix: &str) -> FromDispatcher {
+    let commit = match resolve(history, prefix) {
+        Ok(c) => c,
+        Err(answer) => return answer,
+    };
+    let detail = match history.run(&commit) {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            return FromDispatcher::NotFound {
+                what: format!("no run of {commit}"),
+            }
+        }
+        Err(e) => return Core::unreadable(&e),
+    };
+    let reported = detail
+        .attempts
+        .iter()
+        .rev()
+        .find(|a| a.outcome == Outcome::Reported);
+    let last = detail.attempts.last();
+    let log_len = std::fs::metadata(results::log_path(dir, &commit))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let mut sum = summary(&detail.summary);
+    if sum.failed_steps.is_empty() {
+        if let Some(r) = reported {
+            sum.failed_steps = r
+                .steps
+                .iter()
+                .filter(|s| matches!(s.status, StepStatus::Failure | StepStatus::Timeout))
+                .map(|s| s.name.clone())
+                .collect();
+        }
+    }
+    FromDispatcher::Run(Box::new(RunDetail {
+        summary: sum,
+        steps: reported.map(|a| a.steps.clone()).unwrap_or_default(),
+        runner: reported.or(last).map(|a| a.runner.clone()),
+        started_at_ms: reported.or(last).map(|a| ms(a.started_at)),
+        error: detail.error,
+        attempts: detail
+            .attempts
+            .iter()
+            .map(|a| AttemptView {
+                job: a.job,
+                runner: a.runner.clone(),
+                started_at_ms: ms(a.started_at),
+                ended_at_ms: a.ended_at.map(ms),
+                outcome: outcome_word(a.outcome).to_owned(),
+                reason: a.reason.clone(),
+            })
+            .collect(),
+        log_len,
+        result_file: results::json_path(dir, &commit).display().to_string(),
+    }))
 }

@@ -223,8 +223,12 @@ pub struct Core {
     /// Logs of ended attempts that lost output and could not say so yet: the line that
     /// marks the gap is written as soon as writing works again.
     torn_logs: Vec<LogSink>,
-    /// The read side of the database, for clients' questions.
+    /// The read side of the database, for clients' questions that need the scheduler too
+    /// (the status, why, cancel).
     history: Box<dyn History + Send>,
+    /// The thread that answers the questions about the history alone, on a connection of
+    /// its own.
+    reads: clients::HistoryReader,
     /// Bumped after every batch: log followers wake up and read their files again.
     changed: tokio::sync::watch::Sender<u64>,
 }
@@ -234,12 +238,14 @@ impl Core {
     /// ([`recovery::restore`]). Attempts that were running wait `adoption_grace` for their
     /// runner. The store moves to a thread of its own; `wake` is called from it whenever
     /// it has an answer for the core (it should make [`Core::run`]'s receiver see an
-    /// event).
+    /// event). `history` and `reads` are two read-only connections: the core's own, and
+    /// the one of the thread that answers pages of runs and single runs.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         dir: PathBuf,
         store: Box<dyn Store + Send>,
         history: Box<dyn History + Send>,
+        reads: Box<dyn History + Send>,
         changed: tokio::sync::watch::Sender<u64>,
         max_attempts: u32,
         unfinished: Vec<Unfinished>,
@@ -257,6 +263,8 @@ impl Core {
         };
         let writer =
             ResultWriter::start(dir.clone()).map_err(|e| thread_err("result writer", e))?;
+        let reads = clients::HistoryReader::start(reads, dir.clone())
+            .map_err(|e| thread_err("history reader", e))?;
         let mut sched = Scheduler::new(max_attempts);
         let restored = recovery::restore(&mut sched, &dir, unfinished, adoption_grace)
             .map_err(|e| StorageError::new("restoring the queue", e))?;
@@ -274,6 +282,7 @@ impl Core {
             pending: VecDeque::new(),
             torn_logs: Vec::new(),
             history,
+            reads,
             changed,
         })
     }
