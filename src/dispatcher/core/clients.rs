@@ -359,3 +359,72 @@ fn run_by_prefix(history: &dyn History, dir: &Path, prefix: &str) -> FromDispatc
         result_file: results::json_path(dir, &commit).display().to_string(),
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatcher::store::{Page, RunDetail as StoredDetail, StoreError};
+
+    /// A history whose pages name the thread that read them.
+    struct Fake;
+
+    impl History for Fake {
+        fn runs(&self, filter: &RunFilter) -> Result<Page<store::RunSummary>, StoreError> {
+            let on = std::thread::current().name().unwrap_or("").to_owned();
+            if on != "history-reader" {
+                return Err(StoreError::Corrupt(format!("read on thread {on:?}")));
+            }
+            Ok(Page {
+                total: u64::from(filter.limit),
+                data: Vec::new(),
+            })
+        }
+        fn run(&self, _: &CommitId) -> Result<Option<StoredDetail>, StoreError> {
+            Ok(None)
+        }
+        fn queue(&self) -> Result<Vec<store::RunSummary>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn by_prefix(&self, _: &str, _: u32) -> Result<Vec<CommitId>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn counts(&self) -> Result<Vec<(store::RunState, u64)>, StoreError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn ask(reads: &HistoryReader, req: ToDispatcher) -> FromDispatcher {
+        let (tx, rx) = oneshot::channel();
+        reads.tx.send((req, tx)).expect("the thread runs");
+        rx.blocking_recv().expect("an answer")
+    }
+
+    #[test]
+    fn history_questions_are_answered_on_the_reader_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let reads = HistoryReader::start(Box::new(Fake), dir.path().to_owned()).unwrap();
+        let q = RunQuery {
+            state: None,
+            branch: None,
+            limit: 7,
+            offset: 0,
+        };
+        match ask(&reads, ToDispatcher::Runs(q)) {
+            FromDispatcher::Runs { total, runs } => assert_eq!((total, runs.len()), (7, 0)),
+            other => panic!("{other:?}"),
+        }
+        match ask(
+            &reads,
+            ToDispatcher::Run {
+                prefix: "abcd".into(),
+            },
+        ) {
+            FromDispatcher::NotFound { what } => assert!(what.contains("abcd"), "{what}"),
+            other => panic!("{other:?}"),
+        }
+        match ask(&reads, ToDispatcher::Status) {
+            FromDispatcher::Error { reason } => assert!(reason.contains("history"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
