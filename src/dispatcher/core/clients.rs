@@ -388,6 +388,9 @@ mod tests {
         fn by_prefix(&self, _: &str, _: u32) -> Result<Vec<CommitId>, StoreError> {
             Ok(Vec::new())
         }
+        fn is_recorded(&self, _: &CommitId) -> Result<bool, StoreError> {
+            Ok(false)
+        }
         fn counts(&self) -> Result<Vec<(store::RunState, u64)>, StoreError> {
             Ok(Vec::new())
         }
