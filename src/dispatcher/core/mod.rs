@@ -442,8 +442,9 @@ impl Core {
 
     /// Lets out what a durable batch promised: the replies, then the result
     /// acknowledgements, then the assignments (after the acks, so a runner hears its
-    /// result was taken before it is handed the next job); the result files, the slow part
-    /// on some disks, come last, written by their own thread while the runners work.
+    /// result was taken before it is handed the next job); then the log lines that say so
+    /// (formatting them is the slow part, so the runners already work meanwhile); the
+    /// result files come last, written by their own thread.
     fn release_batch(&mut self, batch: Batch) {
         let Batch {
             acks,
@@ -453,11 +454,26 @@ impl Core {
             queued,
             assigns,
         } = batch;
-        for commit in &queued {
-            info!(commit = %commit, "queued");
-        }
         for (reply, msg) in acks {
             let _ = reply.send(msg);
+        }
+        for (runner, job, accepted) in result_acks {
+            if let Some(tx) = self.runners.get(&runner) {
+                let _ = tx.send(FromDispatcher::ResultAck { job, accepted });
+            }
+        }
+        for a in &assigns {
+            if let Some(tx) = self.runners.get(&a.runner) {
+                // If the connection task is gone, its RunnerLost event is on the way and
+                // will requeue the commit.
+                let _ = tx.send(FromDispatcher::Assign {
+                    job: a.job,
+                    commit: a.commit.clone(),
+                });
+            }
+        }
+        for commit in &queued {
+            info!(commit = %commit, "queued");
         }
         for r in &results {
             match reported_by.get(&r.commit) {
@@ -470,21 +486,8 @@ impl Core {
                 }
             }
         }
-        for (runner, job, accepted) in result_acks {
-            if let Some(tx) = self.runners.get(&runner) {
-                let _ = tx.send(FromDispatcher::ResultAck { job, accepted });
-            }
-        }
-        for a in assigns {
+        for a in &assigns {
             info!(commit = %a.commit, runner = %a.runner, addr = %a.addr, attempt = a.attempt, job = %a.job, "assigned");
-            if let Some(tx) = self.runners.get(&a.runner) {
-                // If the connection task is gone, its RunnerLost event is on the way and
-                // will requeue the commit.
-                let _ = tx.send(FromDispatcher::Assign {
-                    job: a.job,
-                    commit: a.commit,
-                });
-            }
         }
         self.writer.write(results);
     }
