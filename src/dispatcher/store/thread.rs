@@ -284,4 +284,84 @@ mod tests {
         }
         assert!(!t.is_finishing(&c(1)));
     }
+
+    /// A store that fails every commit while `failing` is set, and keeps what it committed.
+    struct Flaky {
+        staged: Vec<Op>,
+        committed: std::sync::Arc<std::sync::Mutex<Vec<Op>>>,
+        failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Store for Flaky {
+        fn stage(&mut self, op: Op) {
+            self.staged.push(op);
+        }
+        fn commit(&mut self) -> Result<(), StoreError> {
+            if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Io {
+                    what: "writing".into(),
+                    source: std::io::Error::other("disk full"),
+                });
+            }
+            self.committed.lock().unwrap().append(&mut self.staged);
+            Ok(())
+        }
+        fn has_staged(&self) -> bool {
+            !self.staged.is_empty()
+        }
+        fn is_recorded(&mut self, _: &CommitId) -> Result<bool, StoreError> {
+            Ok(false)
+        }
+        fn unfinished(&mut self) -> Result<Vec<crate::dispatcher::store::Unfinished>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn unsynced_results(
+            &mut self,
+        ) -> Result<Vec<crate::dispatcher::state::Finished>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn journal_imported(&mut self) -> Result<bool, StoreError> {
+            Ok(true)
+        }
+        fn forget_runners(&mut self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_commit_is_retried_by_the_thread_with_later_batches_after_it_and_applied_once() {
+        let committed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let store = Flaky {
+            staged: Vec::new(),
+            committed: committed.clone(),
+            failing: failing.clone(),
+        };
+        let mut t = StoreThread::start(Box::new(store), || {}).unwrap();
+        t.stage(queued(1));
+        let first = t.send();
+        match t.wait().expect("an answer") {
+            Committed::Failed { upto, .. } => assert_eq!(upto, first),
+            other => panic!("expected a failure, got {other:?}"),
+        }
+        assert!(!t.is_durable(first) && t.has_unsettled());
+        // A later batch while the first is still failing: committed with it, so it fails
+        // too.
+        t.stage(queued(2));
+        let second = t.send();
+        loop {
+            match t.wait().expect("an answer") {
+                Committed::Failed { upto, .. } if upto == second => break,
+                Committed::Failed { .. } => {}
+                other => panic!("expected a failure, got {other:?}"),
+            }
+        }
+        assert!(committed.lock().unwrap().is_empty(), "nothing applied yet");
+        failing.store(false, std::sync::atomic::Ordering::SeqCst);
+        // Without being sent again, both are committed by a retry, in order, once each.
+        while !t.is_durable(second) {
+            t.wait().expect("the retry's answer");
+        }
+        assert_eq!(*committed.lock().unwrap(), vec![queued(1), queued(2)]);
+    }
 }
