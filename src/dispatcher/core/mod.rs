@@ -35,7 +35,7 @@ use self::log_sink::LogSink;
 use self::result_writer::ResultWriter;
 use super::recovery;
 use super::state::{Assignment, Scheduler};
-use super::store::thread::{Committed, StoreThread};
+use super::store::thread::{Committed, OnDurable, StoreThread};
 use super::store::{History, Op, Store, StoreError, Unfinished};
 use crate::results::ResultFile;
 
@@ -190,6 +190,51 @@ impl Batch {
             && self.queued.is_empty()
             && self.assigns.is_empty()
     }
+}
+
+/// The log lines that say what a batch lets out (`queued`, `result recorded`,
+/// `assigned`), to be said on the store thread the moment the batch is durable, before any
+/// of it leaves: a line in the log is a promise the database keeps, and a runner never
+/// holds a job the log has not named. `None` when the batch announces nothing.
+fn announce(batch: &Batch) -> Option<OnDurable> {
+    if batch.queued.is_empty() && batch.results.is_empty() && batch.assigns.is_empty() {
+        return None;
+    }
+    let queued = batch.queued.clone();
+    let results: Vec<_> = batch
+        .results
+        .iter()
+        .map(|r| {
+            (
+                r.commit.clone(),
+                r.status,
+                r.attempts,
+                batch.reported_by.get(&r.commit).cloned(),
+            )
+        })
+        .collect();
+    let assigns: Vec<_> = batch
+        .assigns
+        .iter()
+        .map(|a| (a.commit.clone(), a.runner, a.addr.clone(), a.attempt, a.job))
+        .collect();
+    Some(Box::new(move || {
+        for commit in &queued {
+            info!(commit = %commit, "queued");
+        }
+        for (commit, status, attempts, by) in &results {
+            match by {
+                Some((job, runner)) => {
+                    info!(commit = %commit, status = ?status, runner = %runner, attempts, job = %job, "result recorded")
+                }
+                // Given up: no runner reported it.
+                None => info!(commit = %commit, status = ?status, attempts, "result recorded"),
+            }
+        }
+        for (commit, runner, addr, attempt, job) in &assigns {
+            info!(commit = %commit, runner = %runner, addr = %addr, attempt, job = %job, "assigned");
+        }
+    }))
 }
 
 /// What an observer is told while the database cannot be written.
@@ -350,7 +395,7 @@ impl Core {
             // The batch's ops go to the store thread, which commits them (with any other
             // batch waiting) while this thread goes on; what the batch promised waits for
             // that commit. A batch that staged nothing waits for the batches before it.
-            let seq = self.store.send();
+            let seq = self.store.send(announce(&batch));
             self.pending.push_back((seq, batch));
             changed |= self.release();
             self.mend_torn_logs();
@@ -440,19 +485,18 @@ impl Core {
         }
     }
 
-    /// Lets out what a durable batch promised: the replies, then the result
-    /// acknowledgements, then the assignments (after the acks, so a runner hears its
-    /// result was taken before it is handed the next job); then the log lines that say so
-    /// (formatting them is the slow part, so the runners already work meanwhile); the
-    /// result files come last, written by their own thread.
+    /// Lets out what a durable batch promised (its log lines are already out, from the
+    /// store thread: [`announce`]): the replies, then the result acknowledgements, then
+    /// the assignments (after the acks, so a runner hears its result was taken before it
+    /// is handed the next job); the result files, the slow part on some disks, come last,
+    /// written by their own thread while the runners work.
     fn release_batch(&mut self, batch: Batch) {
         let Batch {
             acks,
             results,
             result_acks,
-            reported_by,
-            queued,
             assigns,
+            ..
         } = batch;
         for (reply, msg) in acks {
             let _ = reply.send(msg);
@@ -462,32 +506,15 @@ impl Core {
                 let _ = tx.send(FromDispatcher::ResultAck { job, accepted });
             }
         }
-        for a in &assigns {
+        for a in assigns {
             if let Some(tx) = self.runners.get(&a.runner) {
                 // If the connection task is gone, its RunnerLost event is on the way and
                 // will requeue the commit.
                 let _ = tx.send(FromDispatcher::Assign {
                     job: a.job,
-                    commit: a.commit.clone(),
+                    commit: a.commit,
                 });
             }
-        }
-        for commit in &queued {
-            info!(commit = %commit, "queued");
-        }
-        for r in &results {
-            match reported_by.get(&r.commit) {
-                Some((job, runner)) => {
-                    info!(commit = %r.commit, status = ?r.status, runner = %runner, attempts = r.attempts, job = %job, "result recorded")
-                }
-                // Given up: no runner reported it.
-                None => {
-                    info!(commit = %r.commit, status = ?r.status, attempts = r.attempts, "result recorded")
-                }
-            }
-        }
-        for a in &assigns {
-            info!(commit = %a.commit, runner = %a.runner, addr = %a.addr, attempt = a.attempt, job = %a.job, "assigned");
         }
         self.writer.write(results);
     }

@@ -41,9 +41,15 @@ pub enum Committed {
     },
 }
 
+/// Said once a batch is durable, on the store thread, before anyone hears of it.
+pub type OnDurable = Box<dyn FnOnce() + Send>;
+
+/// A batch as sent to the thread: its number, its ops, and what to say once durable.
+type Sent = (u64, Vec<Op>, Option<OnDurable>);
+
 /// The core's side of the store thread.
 pub struct StoreThread {
-    tx: Option<Sender<(u64, Vec<Op>)>>,
+    tx: Option<Sender<Sent>>,
     answers: Receiver<Committed>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// Ops of the batch being built.
@@ -88,11 +94,18 @@ impl StoreThread {
         self.staged.push(op);
     }
 
-    /// Ends the batch being built: its ops, if any, go to the thread. Returns the
-    /// sequence number whose durability the batch's promises wait for: its own, or, if it
-    /// staged nothing, that of the last batch sent (what it decided may rest on those).
-    pub fn send(&mut self) -> u64 {
+    /// Ends the batch being built: its ops, if any, go to the thread, with `on_durable`,
+    /// which the thread calls right after the commit that makes them durable and before it
+    /// answers (the log lines that announce what the batch lets out: said at once, so a
+    /// `kill -9` between the commit and them is as unlikely as it was when the core
+    /// committed itself). Returns the sequence number whose durability the batch's
+    /// promises wait for: its own, or, if it staged nothing, that of the last batch sent
+    /// (what it decided may rest on those); `on_durable` is then called at once.
+    pub fn send(&mut self, on_durable: Option<OnDurable>) -> u64 {
         if self.staged.is_empty() {
+            if let Some(say) = on_durable {
+                say();
+            }
             return self.sent;
         }
         self.sent += 1;
@@ -100,7 +113,7 @@ impl StoreThread {
         let delivered = self
             .tx
             .as_ref()
-            .is_some_and(|tx| tx.send((self.sent, ops)).is_ok());
+            .is_some_and(|tx| tx.send((self.sent, ops, on_durable)).is_ok());
         if !delivered {
             // The thread is gone (it panicked): nothing will ever be durable. Say so the
             // way a failing database does.
@@ -164,11 +177,13 @@ impl Drop for StoreThread {
 /// transaction; retries a failed commit every [`STORE_RETRY`]; answers after each try.
 fn commit_until_closed(
     mut store: Box<dyn Store + Send>,
-    rx: &Receiver<(u64, Vec<Op>)>,
+    rx: &Receiver<Sent>,
     answers: &Sender<Committed>,
     wake: &dyn Fn(),
 ) {
     let mut upto = 0;
+    // What to say once the staged ops are durable, in order.
+    let mut to_say: Vec<OnDurable> = Vec::new();
     loop {
         let (first, closed) = if store.has_staged() {
             match rx.recv_timeout(STORE_RETRY) {
@@ -182,14 +197,20 @@ fn commit_until_closed(
                 Err(_) => return,
             }
         };
-        for (seq, ops) in first.into_iter().chain(rx.try_iter()) {
+        for (seq, ops, say) in first.into_iter().chain(rx.try_iter()) {
             for op in ops {
                 store.stage(op);
             }
+            to_say.extend(say);
             upto = seq;
         }
         let answer = match store.commit() {
-            Ok(()) => Committed::Durable(upto),
+            Ok(()) => {
+                for say in to_say.drain(..) {
+                    say();
+                }
+                Committed::Durable(upto)
+            }
             Err(error) => Committed::Failed { upto, error },
         };
         let failed = matches!(answer, Committed::Failed { .. });
@@ -237,10 +258,10 @@ mod tests {
         crate::results::prepare_dir(dir.path()).unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
         let mut t = StoreThread::start(Box::new(store), || {}).unwrap();
-        assert_eq!(t.send(), 0, "nothing staged, nothing sent");
+        assert_eq!(t.send(None), 0, "nothing staged, nothing sent");
         for n in 1..=50 {
             t.stage(queued(n));
-            assert_eq!(t.send(), u64::from(n));
+            assert_eq!(t.send(None), u64::from(n));
         }
         assert!(t.has_unsettled() || t.is_durable(50));
         let mut last = 0;
@@ -278,7 +299,7 @@ mod tests {
         };
         t.stage(Op::Finished { last: None, run });
         assert!(t.is_finishing(&c(1)));
-        let seq = t.send();
+        let seq = t.send(None);
         while !t.is_durable(seq) {
             t.wait().expect("an answer");
         }
@@ -339,7 +360,7 @@ mod tests {
         };
         let mut t = StoreThread::start(Box::new(store), || {}).unwrap();
         t.stage(queued(1));
-        let first = t.send();
+        let first = t.send(None);
         match t.wait().expect("an answer") {
             Committed::Failed { upto, .. } => assert_eq!(upto, first),
             other => panic!("expected a failure, got {other:?}"),
@@ -348,7 +369,7 @@ mod tests {
         // A later batch while the first is still failing: committed with it, so it fails
         // too.
         t.stage(queued(2));
-        let second = t.send();
+        let second = t.send(None);
         loop {
             match t.wait().expect("an answer") {
                 Committed::Failed { upto, .. } if upto == second => break,
