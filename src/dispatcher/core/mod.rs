@@ -419,9 +419,9 @@ impl Core {
                     tracing::error!("stopping with changes the database could not record: unacknowledged results will be reported again by their runners, or run again");
                     return Ok(());
                 }
-                Some(Committed::Durable(upto)) => {
+                Some(Committed::Durable(_)) => {
                     self.store_works();
-                    self.release_upto(upto);
+                    self.release();
                 }
             }
         }
@@ -474,15 +474,6 @@ impl Core {
             self.release_batch(batch);
         }
         any
-    }
-
-    /// [`Core::release`] for a stop, when the store's answers are waited for.
-    fn release_upto(&mut self, upto: u64) {
-        while self.pending.front().is_some_and(|(s, _)| *s <= upto) {
-            if let Some((_, batch)) = self.pending.pop_front() {
-                self.release_batch(batch);
-            }
-        }
     }
 
     /// Lets out what a durable batch promised (its log lines are already out, from the
