@@ -173,10 +173,6 @@ impl<S: Store> Store for CountingStore<S> {
         self.inner.has_staged()
     }
 
-    fn is_recorded(&mut self, commit: &CommitId) -> Result<bool, StoreError> {
-        self.inner.is_recorded(commit)
-    }
-
     fn unfinished(&mut self) -> Result<Vec<Unfinished>, StoreError> {
         self.inner.unfinished()
     }
@@ -354,9 +350,6 @@ mod tests {
         }
         fn has_staged(&self) -> bool {
             self.staged > 0
-        }
-        fn is_recorded(&mut self, _: &CommitId) -> Result<bool, StoreError> {
-            Ok(false)
         }
         fn unfinished(&mut self) -> Result<Vec<Unfinished>, StoreError> {
             Ok(Vec::new())

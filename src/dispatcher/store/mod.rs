@@ -249,10 +249,6 @@ pub trait Store {
     /// Whether ops are staged and not yet durable.
     fn has_staged(&self) -> bool;
 
-    /// Whether the commit was ever accepted (queued, running or finished), counting what
-    /// is staged.
-    fn is_recorded(&mut self, commit: &CommitId) -> Result<bool, StoreError>;
-
     /// The commits that are queued or running, in the order they were queued: by query,
     /// so a restart costs the same however long the history.
     fn unfinished(&mut self) -> Result<Vec<Unfinished>, StoreError>;

@@ -11,7 +11,6 @@
 //! Times are integers, milliseconds since the Unix epoch (`datetime(queued_at / 1000,
 //! 'unixepoch')` shows one in the `sqlite3` shell).
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -150,8 +149,6 @@ fn db(what: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
 pub struct SqliteStore {
     conn: Connection,
     staged: Vec<Op>,
-    /// Commits finished by a staged op: recorded, though not yet in the database.
-    staged_finished: HashSet<CommitId>,
 }
 
 impl SqliteStore {
@@ -166,7 +163,6 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn,
             staged: Vec::new(),
-            staged_finished: HashSet::new(),
         })
     }
 
@@ -535,12 +531,6 @@ fn finish_commit(tx: &Connection, run: &Finished, file_synced: bool) -> Result<(
 
 impl Store for SqliteStore {
     fn stage(&mut self, op: Op) {
-        match &op {
-            Op::Finished { run, .. } | Op::Imported { run } => {
-                self.staged_finished.insert(run.commit.clone());
-            }
-            _ => {}
-        }
         self.staged.push(op);
     }
 
@@ -551,7 +541,6 @@ impl Store for SqliteStore {
         match self.apply_staged() {
             Ok(()) => {
                 self.staged.clear();
-                self.staged_finished.clear();
                 Ok(())
             }
             Err(e) => {
@@ -567,16 +556,6 @@ impl Store for SqliteStore {
 
     fn has_staged(&self) -> bool {
         !self.staged.is_empty()
-    }
-
-    fn is_recorded(&mut self, commit: &CommitId) -> Result<bool, StoreError> {
-        if self.staged_finished.contains(commit) {
-            return Ok(true);
-        }
-        self.conn
-            .prepare_cached("SELECT 1 FROM commits WHERE sha = ?1")
-            .and_then(|mut s| s.exists([commit.as_str()]))
-            .map_err(db("looking a commit up"))
     }
 
     fn unfinished(&mut self) -> Result<Vec<Unfinished>, StoreError> {
@@ -1349,7 +1328,6 @@ mod tests {
             ],
         );
         record(&mut store, &r, None);
-        assert!(store.is_recorded(&c(1)).unwrap(), "staged counts");
         store.commit().unwrap();
         assert!(!store.has_staged());
         assert_eq!(finished_run(&store.conn, &c(1)).unwrap(), Some(r.clone()));
@@ -1358,19 +1336,22 @@ mod tests {
             crate::results::ResultFile::render(&r)
         );
         // Its file is not known to be on disk until the writer says so.
-        assert_eq!(store.unsynced_results().unwrap(), vec![r]);
+        assert_eq!(store.unsynced_results().unwrap(), vec![r.clone()]);
         store.stage(Op::FilesDurable {
             commits: vec![c(1)],
         });
         store.commit().unwrap();
         assert!(store.unsynced_results().unwrap().is_empty());
         assert!(store.unfinished().unwrap().is_empty());
-        assert!(!store.is_recorded(&c(2)).unwrap());
+        let reader = SqliteReader::open(dir.path()).unwrap();
+        assert!(reader.is_recorded(&c(1)).unwrap());
+        assert!(!reader.is_recorded(&c(2)).unwrap());
+        drop(reader);
 
         // A reopened database has it all (and migrations do not run twice).
         drop(store);
-        let mut again = SqliteStore::open(dir.path()).unwrap();
-        assert!(again.is_recorded(&c(1)).unwrap());
+        let again = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(finished_run(&again.conn, &c(1)).unwrap(), Some(r));
         let mode: String = again
             .conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
@@ -1496,7 +1477,6 @@ mod tests {
         assert!(e.is_transient(), "{e}");
         assert!(e.to_string().contains("full"), "{e}");
         assert!(store.has_staged());
-        assert!(store.is_recorded(&c(5000)).unwrap(), "still staged");
         assert!(store.conn.is_autocommit(), "rolled back");
         let count = |s: &SqliteStore| -> i64 {
             s.conn

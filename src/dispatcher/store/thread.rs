@@ -330,9 +330,6 @@ mod tests {
         fn has_staged(&self) -> bool {
             !self.staged.is_empty()
         }
-        fn is_recorded(&mut self, _: &CommitId) -> Result<bool, StoreError> {
-            Ok(false)
-        }
         fn unfinished(&mut self) -> Result<Vec<crate::dispatcher::store::Unfinished>, StoreError> {
             Ok(Vec::new())
         }
