@@ -697,8 +697,14 @@ fn sigterm_during_hanging_fetch(url: fn(&HangingServer) -> String) -> Result<()>
             "60s",
         ]),
     )?;
-    hang.wait_accepted(1, WAIT)
-        .with_context(|| format!("runner log:\n{}", c.runners[idx].log()))?;
+    hang.wait_accepted(1, WAIT).with_context(|| {
+        format!(
+            "runner log:\n{}\ndispatcher log:\n{}\nobserver log:\n{}",
+            c.runners[idx].log(),
+            c.dispatcher().log(),
+            c.observer.as_ref().map(Proc::log).unwrap_or_default()
+        )
+    })?;
     let runner = c.runners[idx].pid();
     wait_until("a git process fetching in the clone", WAIT, || {
         !processes_in(&clone, &[runner]).is_empty()

@@ -397,7 +397,10 @@ impl Core {
             // that commit. A batch that staged nothing waits for the batches before it.
             let seq = self.store.send(announce(&batch));
             self.pending.push_back((seq, batch));
-            changed |= self.release();
+            // The store's answers are looked at again, not only released from: a wake-up
+            // taken with this batch's events may announce an answer that came after the
+            // look at the top, and nothing else would wake this thread for it.
+            changed |= self.settle();
             self.mend_torn_logs();
             // Logs grew, runs started or ended: followers look again.
             if changed {
@@ -570,3 +573,6 @@ impl Core {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
