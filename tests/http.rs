@@ -5,10 +5,11 @@
 
 mod http_common;
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use http_common::*;
 use serde_json::Value;
 use std::collections::BTreeSet;
+use std::time::Duration;
 use testkit::*;
 
 const TOKEN: &str = "s3cret-token";
@@ -445,5 +446,97 @@ fn events_resume_after_the_last_offset_without_a_line_twice() -> Result<()> {
         .send()?;
     let evs = read_events(&mut SseReader::new(resp), |e| e.event == "end")?;
     assert!(log_lines(&evs)?.is_empty(), "{evs:?}");
+    Ok(())
+}
+
+/// CPU time (user + system) process `pid` has used so far, from `/proc/<pid>/stat`.
+fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = &stat[stat.rfind(')').context("no ')' in stat")? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime), counted from 1 with the pid; `rest` starts at 3.
+    let ticks: u64 = fields[14 - 3].parse::<u64>()? + fields[15 - 3].parse::<u64>()?;
+    // SAFETY: sysconf(3) with a valid name reads a constant.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
+    Ok(Duration::from_millis(ticks * 1000 / hz.max(1)))
+}
+
+/// Followers of a running commit that prints nothing (raw log with `?follow=1`, and
+/// `/events`) cost an idle dispatcher next to nothing: each waits for a change, and a
+/// follower's own questions to the core change nothing (were they to wake the followers,
+/// the followers would ask again, round and round, a core busy forever).
+#[test]
+fn followers_of_a_silent_run_leave_the_dispatcher_idle() -> Result<()> {
+    let w = start(
+        testkit::bins!(),
+        Opts {
+            observer: false,
+            ..Opts::default()
+        },
+        &[],
+    )?;
+    let sha = w.c.commit(
+        "quiet",
+        &[(
+            ".tinyci.toml",
+            &spec(&[("quiet", "echo started; sleep 12", "60s")]),
+        )],
+    )?;
+    w.submit(&sha)?;
+    w.wait_status(&sha, "running")?;
+    // Each follower says when it has its first bytes: the log's first line, or the first
+    // event; then it reads on until the run ends (or the test drops it).
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let mut paths = Vec::new();
+    for _ in 0..3 {
+        paths.push(format!("/run/{sha}/log?follow=1"));
+        paths.push(format!("/events?run={sha}"));
+    }
+    for path in &paths {
+        let url = w.url(path);
+        let ready_tx = ready_tx.clone();
+        std::thread::spawn(move || -> Result<()> {
+            let mut resp = reqwest::blocking::Client::new()
+                .get(url)
+                .timeout(Duration::from_secs(60))
+                .send()?;
+            let mut buf = [0u8; 4096];
+            let mut said = false;
+            loop {
+                let n = std::io::Read::read(&mut resp, &mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                if !said {
+                    said = true;
+                    let _ = ready_tx.send(());
+                }
+            }
+        });
+    }
+    for _ in &paths {
+        ready
+            .recv_timeout(WAIT)
+            .context("a follower got nothing from the running commit")?;
+    }
+    // The step is asleep now (its one line is out). Measure the dispatcher's CPU.
+    let pid = w.c.dispatcher().pid();
+    let before = cpu_time(pid)?;
+    let window = Duration::from_secs(2);
+    std::thread::sleep(window);
+    let used = cpu_time(pid)? - before;
+    ensure!(
+        w.get_json(&format!("/run/{sha}"))?.1["status"] == "running",
+        "the run ended inside the window: the measurement is not of an idle dispatcher"
+    );
+    ensure!(
+        used < window / 7,
+        "an idle dispatcher with {} followers used {used:?} of CPU in {window:?}",
+        paths.len()
+    );
+    eprintln!(
+        "dispatcher CPU with {} followers, idle: {used:?} in {window:?}",
+        paths.len()
+    );
     Ok(())
 }
