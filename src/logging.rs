@@ -2,8 +2,9 @@
 //! honoured, `info` by default.
 //!
 //! Lines are written by a background thread, so a busy dispatcher core formats its log
-//! lines but never waits on stderr; lines that come together are written together. The writer never drops lines (it blocks when its
-//! buffer is full), and the returned guard flushes what is left when `main` ends.
+//! lines but never waits on stderr; lines that come together are written together. The
+//! writer never drops lines (it blocks when its buffer is full), and the returned guard
+//! flushes what is left when `main` ends.
 
 use std::io::IsTerminal;
 

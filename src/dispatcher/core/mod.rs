@@ -195,7 +195,9 @@ impl Batch {
 /// The log lines that say what a batch lets out (`queued`, `result recorded`,
 /// `assigned`), to be said on the store thread the moment the batch is durable, before any
 /// of it leaves: a line in the log is a promise the database keeps, and a runner never
-/// holds a job the log has not named. `None` when the batch announces nothing.
+/// holds a job the log has not named (short of a `kill -9` before the log thread writes
+/// the line: then the restarted dispatcher says what became of the attempt). `None` when
+/// the batch announces nothing.
 fn announce(batch: &Batch) -> Option<OnDurable> {
     if batch.queued.is_empty() && batch.results.is_empty() && batch.assigns.is_empty() {
         return None;
