@@ -332,14 +332,7 @@ fn log_lines(evs: &[Sse]) -> Result<Vec<String>> {
 
 #[test]
 fn events_resume_after_the_last_offset_without_a_line_twice() -> Result<()> {
-    let w = start(
-        testkit::bins!(),
-        Opts {
-            observer: false,
-            ..Opts::default()
-        },
-        &[],
-    )?;
+    let w = serving(testkit::bins!())?;
     let sha =
         w.c.commit("slow", &[(".tinyci.toml", &slow_lines_step(30, "0.1"))])?;
 
@@ -467,14 +460,7 @@ fn cpu_time(pid: u32) -> Result<Duration> {
 /// the followers would ask again, round and round, a core busy forever).
 #[test]
 fn followers_of_a_silent_run_leave_the_dispatcher_idle() -> Result<()> {
-    let w = start(
-        testkit::bins!(),
-        Opts {
-            observer: false,
-            ..Opts::default()
-        },
-        &[],
-    )?;
+    let w = serving(testkit::bins!())?;
     let sha = w.c.commit(
         "quiet",
         &[(
@@ -484,22 +470,32 @@ fn followers_of_a_silent_run_leave_the_dispatcher_idle() -> Result<()> {
     )?;
     w.submit(&sha)?;
     w.wait_status(&sha, "running")?;
-    // Each follower says when it has its first bytes: the log's first line, or the first
-    // event; then it reads on until the run ends (or the test drops it).
+    // The step is asleep once its one line is in the log.
+    wait_until("the step to print its line", WAIT, || {
+        w.http
+            .get(w.url(&format!("/run/{sha}/log")))
+            .send()
+            .and_then(|r| r.text())
+            .is_ok_and(|t| t.contains("started"))
+    })?;
+    // Each follower says when its answer (200) has brought its first bytes, then reads on
+    // until the run ends (or the test drops it).
     let (ready_tx, ready) = std::sync::mpsc::channel();
     let mut paths = Vec::new();
     for _ in 0..3 {
         paths.push(format!("/run/{sha}/log?follow=1"));
         paths.push(format!("/events?run={sha}"));
     }
+    let mut followers = Vec::new();
     for path in &paths {
         let url = w.url(path);
         let ready_tx = ready_tx.clone();
-        std::thread::spawn(move || -> Result<()> {
+        followers.push(std::thread::spawn(move || -> Result<()> {
             let mut resp = reqwest::blocking::Client::new()
-                .get(url)
+                .get(&url)
                 .timeout(Duration::from_secs(60))
                 .send()?;
+            ensure!(resp.status() == 200, "{url}: {}", resp.status());
             let mut buf = [0u8; 4096];
             let mut said = false;
             loop {
@@ -512,14 +508,14 @@ fn followers_of_a_silent_run_leave_the_dispatcher_idle() -> Result<()> {
                     let _ = ready_tx.send(());
                 }
             }
-        });
+        }));
     }
     for _ in &paths {
         ready
             .recv_timeout(WAIT)
             .context("a follower got nothing from the running commit")?;
     }
-    // The step is asleep now (its one line is out). Measure the dispatcher's CPU.
+    // Measure the dispatcher's CPU while they follow.
     let pid = w.c.dispatcher().pid();
     let before = cpu_time(pid)?;
     let window = Duration::from_secs(2);
@@ -528,6 +524,10 @@ fn followers_of_a_silent_run_leave_the_dispatcher_idle() -> Result<()> {
     ensure!(
         w.get_json(&format!("/run/{sha}"))?.1["status"] == "running",
         "the run ended inside the window: the measurement is not of an idle dispatcher"
+    );
+    ensure!(
+        followers.iter().all(|f| !f.is_finished()),
+        "a follower stopped following inside the window"
     );
     ensure!(
         used < window / 7,

@@ -74,6 +74,19 @@ pub fn start(bins: Bins, opts: Opts, extra: &[&str]) -> Result<Web> {
     Ok(Web { c, base, http })
 }
 
+/// A cluster serving HTTP with the default options and no observer: the test submits
+/// its commits over HTTP.
+pub fn serving(bins: Bins) -> Result<Web> {
+    start(
+        bins,
+        Opts {
+            observer: false,
+            ..Opts::default()
+        },
+        &[],
+    )
+}
+
 impl Web {
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)

@@ -283,7 +283,7 @@ mod tests {
             }
             assert!(
                 Instant::now() < deadline,
-                "result-writer threads at nice {nice:?}, not {WRITER_NICENESS} or lower"
+                "result-writer threads at nice {nice:?}, not at {WRITER_NICENESS} or above"
             );
             std::thread::sleep(Duration::from_millis(5));
         }
