@@ -188,9 +188,9 @@ pub(crate) fn capacity(
         report.note(n);
     }
     // A control run with the results on tmpfs separates the file system's share from the
-    // dispatcher's own (not a key).
+    // dispatcher's own (not a key). `BENCH_NO_CONTROL=1` skips it (alternated A/B runs).
     let shm = Path::new("/dev/shm");
-    if fs_of(shm) == "tmpfs" {
+    if fs_of(shm) == "tmpfs" && std::env::var_os("BENCH_NO_CONTROL").is_none() {
         let tmp = tempfile::Builder::new()
             .prefix("tinyci-bench-")
             .tempdir_in(shm)?;

@@ -1497,6 +1497,104 @@ mod tests {
     }
 
     #[test]
+    fn attempts_end_on_their_own_rows_across_a_failed_commit_and_its_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::results::prepare_dir(dir.path()).unwrap();
+        let mut store = SqliteStore::open(dir.path()).unwrap();
+        let assign = |store: &mut SqliteStore, n: u32| {
+            let job = JobId::new();
+            store.stage(Op::Queued {
+                commit: c(n),
+                branch: None,
+                at: at(0),
+            });
+            store.stage(Op::Assigned {
+                commit: c(n),
+                job,
+                number: 1,
+                runner: format!("r:{n}"),
+                at: at(5),
+            });
+            job
+        };
+        let finish = |store: &mut SqliteStore, n: u32, job: JobId| {
+            let steps = vec![step(&format!("step-of-{n}"), StepStatus::Success, Some(0))];
+            store.stage(Op::Finished {
+                last: Some((job, AttemptEnd::Reported)),
+                run: run(c(n), RunStatus::Success, steps),
+            });
+        };
+        let first = assign(&mut store, 1);
+        store.commit().unwrap();
+        // A batch that fails (the database may not grow) ends the first attempt, records
+        // and ends a second, then is retried whole once there is room.
+        let pages: i64 = store
+            .conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        store
+            .conn
+            .pragma_update(None, "max_page_count", pages)
+            .unwrap();
+        finish(&mut store, 1, first);
+        for n in 100..2100 {
+            store.stage(Op::Queued {
+                commit: c(n),
+                branch: None,
+                at: at(0),
+            });
+        }
+        let second = assign(&mut store, 2);
+        finish(&mut store, 2, second);
+        let third = assign(&mut store, 3);
+        assert!(store.commit().is_err());
+        store
+            .conn
+            .pragma_update(None, "max_page_count", 1_000_000)
+            .unwrap();
+        store.commit().unwrap();
+        // A later batch ends the third, recorded by the retried one.
+        finish(&mut store, 3, third);
+        store.commit().unwrap();
+        let rows: Vec<(String, String, String, Option<i64>, String)> = store
+            .conn
+            .prepare(
+                "SELECT a.uuid, a.sha, a.runner, a.ended_at, s.name FROM attempts a
+                 JOIN steps s ON s.attempt = a.id ORDER BY a.runner",
+            )
+            .unwrap()
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let expected: Vec<(String, String, String, Option<i64>, String)> =
+            [(1, first), (2, second), (3, third)]
+                .into_iter()
+                .map(|(n, job)| {
+                    (
+                        job.to_string(),
+                        c(n).as_str().to_owned(),
+                        format!("r:{n}"),
+                        Some(ms(at(900))),
+                        format!("step-of-{n}"),
+                    )
+                })
+                .collect();
+        assert_eq!(rows, expected);
+        let open: i64 = store
+            .conn
+            .query_row(
+                "SELECT count(*) FROM attempts WHERE ended_at IS NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(open, 0);
+    }
+
+    #[test]
     fn history_lists_runs_by_status_and_branch_with_pages_and_totals() {
         let dir = tempfile::tempdir().unwrap();
         crate::results::prepare_dir(dir.path()).unwrap();
