@@ -1449,13 +1449,9 @@ mod tests {
         assert_eq!(u[2].queued_at, at(4));
     }
 
-    #[test]
-    fn a_full_database_keeps_the_batch_staged_and_applies_it_once_when_there_is_room() {
-        let dir = tempfile::tempdir().unwrap();
-        crate::results::prepare_dir(dir.path()).unwrap();
-        let mut store = SqliteStore::open(dir.path()).unwrap();
-        // The database may not grow: as on a full disk, a commit that needs a new page
-        // fails with SQLITE_FULL.
+    /// The database may not grow from now on: as on a full disk, a commit that needs a
+    /// new page fails with SQLITE_FULL.
+    fn forbid_growth(store: &SqliteStore) {
         let pages: i64 = store
             .conn
             .query_row("PRAGMA page_count", [], |r| r.get(0))
@@ -1464,6 +1460,22 @@ mod tests {
             .conn
             .pragma_update(None, "max_page_count", pages)
             .unwrap();
+    }
+
+    /// Room again after [`forbid_growth`].
+    fn allow_growth(store: &SqliteStore) {
+        store
+            .conn
+            .pragma_update(None, "max_page_count", 1_000_000)
+            .unwrap();
+    }
+
+    #[test]
+    fn a_full_database_keeps_the_batch_staged_and_applies_it_once_when_there_is_room() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::results::prepare_dir(dir.path()).unwrap();
+        let mut store = SqliteStore::open(dir.path()).unwrap();
+        forbid_growth(&store);
         for n in 0..2000 {
             store.stage(Op::Queued {
                 commit: c(n),
@@ -1486,10 +1498,7 @@ mod tests {
         assert_eq!(count(&store), 0, "nothing of the batch stands");
         // Another failed try, then room.
         assert!(store.commit().is_err());
-        store
-            .conn
-            .pragma_update(None, "max_page_count", 1_000_000)
-            .unwrap();
+        allow_growth(&store);
         store.commit().unwrap();
         assert!(!store.has_staged());
         assert_eq!(count(&store), 2001, "every op exactly once");
@@ -1528,14 +1537,7 @@ mod tests {
         store.commit().unwrap();
         // A batch that fails (the database may not grow) ends the first attempt, records
         // and ends a second, then is retried whole once there is room.
-        let pages: i64 = store
-            .conn
-            .query_row("PRAGMA page_count", [], |r| r.get(0))
-            .unwrap();
-        store
-            .conn
-            .pragma_update(None, "max_page_count", pages)
-            .unwrap();
+        forbid_growth(&store);
         finish(&mut store, 1, first);
         for n in 100..2100 {
             store.stage(Op::Queued {
@@ -1548,10 +1550,7 @@ mod tests {
         finish(&mut store, 2, second);
         let third = assign(&mut store, 3);
         assert!(store.commit().is_err());
-        store
-            .conn
-            .pragma_update(None, "max_page_count", 1_000_000)
-            .unwrap();
+        allow_growth(&store);
         store.commit().unwrap();
         // A later batch ends the third, recorded by the retried one.
         finish(&mut store, 3, third);
