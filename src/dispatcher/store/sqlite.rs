@@ -1536,7 +1536,8 @@ mod tests {
         let first = assign(&mut store, 1);
         store.commit().unwrap();
         // A batch that fails (the database may not grow) ends the first attempt, records
-        // and ends a second, then is retried whole once there is room.
+        // and ends a second and records a third, then is retried whole once there is
+        // room.
         forbid_growth(&store);
         finish(&mut store, 1, first);
         for n in 100..2100 {
