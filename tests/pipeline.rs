@@ -43,7 +43,18 @@ fn one_commit_gives_a_success_result_and_a_log() -> Result<()> {
     let log = c.log_text(&sha);
     assert!(log.contains("[test] test_add"), "{log}");
     assert!(log.contains("OK"), "{log}");
-    // The journal lives in a dot-directory and is not a result.
+    // The runner says how long its checkout took, and where the time went.
+    let checkout = log
+        .lines()
+        .find(|l| l.starts_with("[tinyci] checked out "))
+        .unwrap_or_else(|| panic!("no checkout note in {log}"));
+    for phase in ["heal ", "fetch ", "sweep ", "checkout ", "objects "] {
+        assert!(
+            checkout.contains(phase),
+            "{phase:?} missing in {checkout:?}"
+        );
+    }
+    // The database lives in a dot-directory and is not a result.
     assert_eq!(c.result_files(), vec![sha]);
     Ok(())
 }

@@ -11,6 +11,8 @@ pub(crate) struct Sample {
     segments: Option<[f64; 5]>,
     /// The runner's own note of its checkout time (in the commit's log).
     checkout_ms: Option<f64>,
+    /// The same note's phases (`heal 0.1, fetch 0.0, …`), in its order.
+    checkout_phases: Vec<(String, f64)>,
 }
 
 /// Where the overhead goes, by log line; the last includes the bench's 1 ms polling.
@@ -88,17 +90,66 @@ pub(crate) fn one_commit(c: &Cluster, message: &str, files: &[(String, String)])
             .wait_for(&[&format!("queued commit={sha}")], WAIT)?,
     )?;
     let steps = steps_ms(&result);
+    let log = c.log_text(&sha);
     Ok(Sample {
         detect_ms: ms_between(committed, queued),
         overhead_ms: ms_between(queued, seen) - steps,
         steps_ms: steps,
         segments: segments(c, &sha, queued, seen, steps),
-        checkout_ms: c.log_text(&sha).lines().find_map(|l| {
-            let rest = l.strip_prefix("[tinyci] checked out ")?;
-            let (_, after) = rest.split_once(" in ")?;
-            after.split_whitespace().next()?.parse::<f64>().ok()
+        checkout_ms: checkout_note(&log)
+            .and_then(|(ms, _)| ms.split_whitespace().next()?.parse().ok()),
+        checkout_phases: checkout_note(&log).map_or_else(Vec::new, |(_, phases)| {
+            phases
+                .split(", ")
+                .filter_map(|p| {
+                    let (name, ms) = p.rsplit_once(' ')?;
+                    Some((name.to_owned(), ms.parse().ok()?))
+                })
+                .collect()
         }),
     })
+}
+
+/// The runner's `checked out SHA in N ms (heal 0.1, …)` note in a job's log: what follows
+/// " in ", and the phases inside the parentheses.
+fn checkout_note(log: &str) -> Option<(&str, &str)> {
+    let line = log
+        .lines()
+        .find_map(|l| l.strip_prefix("[tinyci] checked out "))?;
+    let (_, after) = line.split_once(" in ")?;
+    let phases = after
+        .rsplit_once('(')
+        .and_then(|(_, p)| p.strip_suffix(')'))
+        .unwrap_or("");
+    Some((after, phases))
+}
+
+/// The median of each checkout phase over `samples`, in the note's order.
+fn phase_medians(samples: &[Sample]) -> String {
+    let mut names: Vec<&str> = Vec::new();
+    for s in samples {
+        for (n, _) in &s.checkout_phases {
+            if !names.contains(&n.as_str()) {
+                names.push(n);
+            }
+        }
+    }
+    names
+        .iter()
+        .map(|n| {
+            let v: Vec<f64> = samples
+                .iter()
+                .flat_map(|s| {
+                    s.checkout_phases
+                        .iter()
+                        .filter(|(m, _)| m == n)
+                        .map(|p| p.1)
+                })
+                .collect();
+            format!("{n} {:.2}", pct(&v, 50.0))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub(crate) fn pipeline(
@@ -158,8 +209,9 @@ pub(crate) fn pipeline(
     segment_notes("fixture", &fixture, report);
     let checkout: Vec<f64> = fixture.iter().filter_map(|s| s.checkout_ms).collect();
     report.note(format!(
-        "fixture: the runner's own `checked out … in N ms` note: {}",
-        summary(&checkout)
+        "fixture: the runner's own `checked out … in N ms` note: {}; its phases, p50 ms: {}",
+        summary(&checkout),
+        phase_medians(&fixture)
     ));
 
     // A generated repo: replace the fixture with N files in nested dirs and a trivial step.
@@ -204,8 +256,9 @@ pub(crate) fn pipeline(
     // Where the time goes inside the runner: its own checkout note.
     let checkout: Vec<f64> = large.iter().filter_map(|s| s.checkout_ms).collect();
     report.note(format!(
-        "large: the runner's own `checked out … in N ms` note: {}",
-        summary(&checkout)
+        "large: the runner's own `checked out … in N ms` note: {}; its phases, p50 ms: {}",
+        summary(&checkout),
+        phase_medians(&large)
     ));
     retire(c, scratch)
 }

@@ -267,11 +267,17 @@ async fn prepare(
     for repair in &prepared.repairs {
         out.note(repair);
     }
+    let phases: Vec<String> = prepared
+        .phases
+        .iter()
+        .map(|(name, took)| format!("{name} {:.1}", took.as_secs_f64() * 1000.0))
+        .collect();
     out.note(&format!(
-        "checked out {} in {} ms{}",
+        "checked out {} in {} ms{} ({})",
         commit.short(),
         started.elapsed().as_millis(),
-        if prepared.fetched { " (fetched)" } else { "" }
+        if prepared.fetched { ", fetched" } else { "" },
+        phases.join(", ")
     ));
     let path = ws.path().to_path_buf();
     drop(ws);
