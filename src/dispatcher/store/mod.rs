@@ -192,7 +192,7 @@ pub struct RunningAttempt {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database refused or failed an operation.
-    #[error("{what}: {source}")]
+    #[error("{what}: {source}{}", busy_hint(source))]
     Db {
         /// What the store was doing.
         what: &'static str,
@@ -213,6 +213,17 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What a person should know about a database that stays locked: the dispatcher is its
+/// only writer, so someone else holds the lock.
+fn busy_hint(source: &rusqlite::Error) -> &'static str {
+    match source.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+            " (another program holds the database's write lock, e.g. a `sqlite3` shell inside a transaction; open it with `sqlite3 -readonly`)"
+        }
+        _ => "",
+    }
 }
 
 impl StoreError {
@@ -362,4 +373,26 @@ pub trait History {
     fn is_recorded(&self, commit: &CommitId) -> Result<bool, StoreError>;
     /// How many runs are in each state.
     fn counts(&self) -> Result<Vec<(RunState, u64)>, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db_error(code: std::os::raw::c_int) -> StoreError {
+        StoreError::Db {
+            what: "committing",
+            source: rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None),
+        }
+    }
+
+    #[test]
+    fn a_locked_database_says_who_may_hold_the_lock() {
+        let busy = db_error(rusqlite::ffi::SQLITE_BUSY).to_string();
+        assert!(busy.starts_with("committing: "), "{busy}");
+        assert!(busy.contains("sqlite3 -readonly"), "{busy}");
+        assert!(db_error(rusqlite::ffi::SQLITE_BUSY).is_transient());
+        let full = db_error(rusqlite::ffi::SQLITE_FULL).to_string();
+        assert!(!full.contains("write lock"), "{full}");
+    }
 }
