@@ -38,7 +38,7 @@ pub enum LockError {
 /// An exclusive lock on a directory, held until dropped (or the process ends).
 #[derive(Debug)]
 pub struct DirLock {
-    _dir: File,
+    dir: File,
     path: PathBuf,
 }
 
@@ -69,7 +69,7 @@ impl DirLock {
             return Err(io(e));
         }
         Ok(DirLock {
-            _dir: dir,
+            dir,
             path: path.to_path_buf(),
         })
     }
@@ -77,6 +77,17 @@ impl DirLock {
     /// The locked directory.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+impl Drop for DirLock {
+    /// Unlocks before closing. Closing alone is not enough: a child forked by another
+    /// thread holds a copy of the descriptor until it execs (close-on-exec acts only then),
+    /// and the lock belongs to the open file description, so it would outlive this drop
+    /// for that window. `LOCK_UN` releases it for every copy.
+    fn drop(&mut self) {
+        // SAFETY: flock(2) on a descriptor we own; no memory is involved.
+        unsafe { libc::flock(self.dir.as_raw_fd(), libc::LOCK_UN) };
     }
 }
 
@@ -118,6 +129,36 @@ mod tests {
         assert!(msg.contains("another test_runner"), "{msg}");
         drop(first);
         DirLock::acquire(dir.path(), "test_runner").unwrap();
+    }
+
+    #[test]
+    fn a_child_between_fork_and_exec_does_not_keep_a_dropped_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = DirLock::acquire(dir.path(), "dispatcher").unwrap();
+        // A child that has forked but not yet exec'd, as any spawn by another thread is
+        // for a moment: it holds a copy of every descriptor, the lock's included.
+        // SAFETY: the child calls only async-signal-safe functions (nanosleep, _exit).
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork: {}", std::io::Error::last_os_error());
+        if child == 0 {
+            let t = libc::timespec {
+                tv_sec: 5,
+                tv_nsec: 0,
+            };
+            // SAFETY: as above.
+            unsafe {
+                libc::nanosleep(&t, std::ptr::null_mut());
+                libc::_exit(0);
+            }
+        }
+        drop(lock);
+        let again = DirLock::acquire(dir.path(), "dispatcher");
+        // SAFETY: kill and waitpid on the child forked above.
+        unsafe {
+            libc::kill(child, libc::SIGKILL);
+            libc::waitpid(child, std::ptr::null_mut(), 0);
+        }
+        again.unwrap();
     }
 
     #[test]
