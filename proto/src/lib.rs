@@ -51,7 +51,7 @@ pub use messages::{
 pub const MAGIC: u32 = 0x7443_4931;
 
 /// Bumped on every change to a message after the hello.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The largest frame either side sends or accepts (the length prefix is checked before any
 /// byte of the body is buffered).

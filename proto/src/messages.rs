@@ -315,6 +315,16 @@ pub enum FromDispatcher {
     /// restarted); the connection closes after this frame. Keep the job, reconnect at
     /// once and keep trying: a restarted dispatcher adopts it.
     ShuttingDown,
+    /// To an observer or client, instead of [`FromDispatcher::Submitted`] or
+    /// [`FromDispatcher::Cancelled`]: the request took effect in the dispatcher, but its
+    /// database could not record it (a full disk, a lock held by another program). The
+    /// dispatcher records it once the database works again, and forgets it if it stops
+    /// before that. Sending the request again is safe: a known commit is not queued twice,
+    /// a finished one is not cancelled.
+    NotRecorded {
+        /// Why the database could not record it, in words fit for a person.
+        reason: String,
+    },
 }
 
 /// Messages to a runner's own port, from a [`Role::Client`].

@@ -12,6 +12,7 @@
 //! | 64 | usage: bad command line |
 //! | 69 | the dispatcher is unreachable |
 //! | 70 | the dispatcher answered something unexpected, or refused the request |
+//! | 75 | `submit`/`cancel` took effect but the dispatcher's database could not record it yet (it is recorded once the database works again; sending it again is safe) |
 //! | 78 | configuration: wrong token, another protocol version, not a tinyci dispatcher |
 //! | 130 | `logs -f` or `wait` interrupted with Ctrl-C (the run goes on) |
 
@@ -50,6 +51,8 @@ pub mod code {
     pub const UNREACHABLE: u8 = 69;
     /// An unexpected answer or a refusal (`EX_SOFTWARE`).
     pub const SOFTWARE: u8 = 70;
+    /// Took effect but not recorded yet (`EX_TEMPFAIL`).
+    pub const NOT_RECORDED: u8 = 75;
     /// Wrong configuration (`EX_CONFIG`).
     pub const CONFIG: u8 = 78;
     /// Interrupted by Ctrl-C.
@@ -236,6 +239,7 @@ fn fail(e: &ClientError) -> u8 {
     }
     match e {
         ClientError::NotFound(_) | ClientError::Ambiguous { .. } => code::UNKNOWN,
+        ClientError::NotRecorded(_) => code::NOT_RECORDED,
         e if e.is_unreachable() => code::UNREACHABLE,
         e if crate::exit::is_permanent(e) => code::CONFIG,
         _ => code::SOFTWARE,
@@ -820,6 +824,9 @@ mod tests {
         assert_eq!(state_code(RunState::Cancelled), 3);
         assert_eq!(state_code(RunState::Running), 4);
         assert_eq!(state_code(RunState::Queued), 4);
+        assert_eq!(fail(&ClientError::NotRecorded("locked".into())), 75);
+        assert_eq!(fail(&ClientError::Refused("full".into())), 70);
+        assert_eq!(fail(&ClientError::NotFound("x".into())), 5);
     }
 
     #[test]

@@ -446,6 +446,11 @@ async fn post_receive(branch: &str, max_wait: Duration, target: &Target) {
                 String::new()
             }
         )),
+        // Taken, and queued in the dispatcher, but not yet in its database: the runs
+        // happen once it can write again, so waiting for them still makes sense.
+        Err(ClientError::NotRecorded(why)) => pusher.say(format!(
+            "tinyci: the dispatcher took the commits but could not record them yet ({why}); they run once its database works again"
+        )),
         Err(e) => {
             pusher.say(format!(
                 "tinyci: could not submit to the dispatcher at {} ({e}); the observer will pick the commits up",

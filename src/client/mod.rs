@@ -45,6 +45,11 @@ pub enum ClientError {
     /// The dispatcher refused the request (it cannot record submissions now, say).
     #[error("the dispatcher refused: {0}")]
     Refused(String),
+    /// The request took effect, but the dispatcher's database could not record it yet: it
+    /// is recorded when the database works again, or forgotten if the dispatcher stops
+    /// first. Sending it again is safe.
+    #[error("the dispatcher took the request but could not record it yet: {0}; it is recorded once its database works again, and forgotten if the dispatcher stops before that (sending it again is safe)")]
+    NotRecorded(String),
 }
 
 fn list(c: &[CommitId]) -> String {
@@ -80,6 +85,7 @@ fn unexpected(answer: FromDispatcher) -> ClientError {
             candidates,
         },
         FromDispatcher::Error { reason } => ClientError::Refused(reason),
+        FromDispatcher::NotRecorded { reason } => ClientError::NotRecorded(reason),
         other => ClientError::Proto(ProtoError::Violation(format!(
             "unexpected answer {}",
             variant_name(&other)
@@ -96,6 +102,7 @@ fn variant_name(m: &FromDispatcher) -> &'static str {
         FromDispatcher::ResultAck { .. } => "ResultAck",
         FromDispatcher::Error { .. } => "Error",
         FromDispatcher::ShuttingDown => "ShuttingDown",
+        FromDispatcher::NotRecorded { .. } => "NotRecorded",
         FromDispatcher::Cancel { .. } => "Cancel",
         FromDispatcher::Status(_) => "Status",
         FromDispatcher::Runs { .. } => "Runs",

@@ -362,7 +362,10 @@ async fn exchange(
         .await?
     {
         FromDispatcher::Submitted { queued, known } => Ok((queued, known)),
-        FromDispatcher::Error { reason } => Err(ProtoError::Refused(reason)),
+        // Not recorded yet: kept and submitted again, when the dispatcher answers `known`.
+        FromDispatcher::Error { reason } | FromDispatcher::NotRecorded { reason } => {
+            Err(ProtoError::Refused(reason))
+        }
         other => Err(ProtoError::Violation(format!(
             "expected Submitted, got {other:?}"
         ))),

@@ -433,8 +433,8 @@ impl Core {
         Ok(())
     }
 
-    /// Takes in the store thread's answers: notes trouble, refuses the submissions of
-    /// failed batches, and lets out what durable batches promised. Returns whether any
+    /// Takes in the store thread's answers: notes trouble, tells the senders of failed
+    /// batches' submissions and cancels that they are not recorded yet, and lets out what durable batches promised. Returns whether any
     /// batch was let out.
     fn settle(&mut self) -> bool {
         for answer in self.store.answers() {
@@ -442,15 +442,17 @@ impl Core {
                 Committed::Durable(_) => self.store_works(),
                 Committed::Failed { upto, error } => {
                     self.store_failed(&error);
-                    // The observers are told their commits were not accepted (they keep
-                    // them and submit again); everything else is held, with the ops, until
-                    // a retry succeeds.
-                    let reason = submissions_refused(&error);
+                    // The submissions and cancels of these batches took effect here but
+                    // are not recorded: their senders are told so now rather than kept
+                    // waiting (an observer keeps its commits and submits again). The ops
+                    // stay staged, with everything else the batches promised, until a
+                    // retry succeeds.
+                    let reason = format!("writing its database failed: {error}");
                     for (_, batch) in self.pending.iter_mut().take_while(|(s, _)| *s <= upto) {
                         for (reply, msg) in batch.acks.drain(..) {
                             let answer = match msg {
                                 FromDispatcher::Submitted { .. }
-                                | FromDispatcher::Cancelled { .. } => FromDispatcher::Error {
+                                | FromDispatcher::Cancelled { .. } => FromDispatcher::NotRecorded {
                                     reason: reason.clone(),
                                 },
                                 refusal => refusal,

@@ -77,10 +77,12 @@ impl GateControl {
     }
 }
 
-/// The real store, whose commit stops at a gate.
+/// The real store, whose commit stops at a gate, and fails (as with a lock held by
+/// another program) while `fail` is set.
 struct GatedStore {
     inner: SqliteStore,
     gate: Gate,
+    fail: Arc<AtomicBool>,
 }
 
 impl Store for GatedStore {
@@ -89,6 +91,15 @@ impl Store for GatedStore {
     }
     fn commit(&mut self) -> Result<(), StoreError> {
         self.gate.pass();
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StoreError::Db {
+                what: "committing",
+                source: rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+                    None,
+                ),
+            });
+        }
         self.inner.commit()
     }
     fn has_staged(&self) -> bool {
@@ -140,7 +151,9 @@ impl History for GatedHistory {
 struct Running {
     events: SyncSender<Event>,
     thread: Option<std::thread::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    /// Makes the store's commits fail while set.
+    fail: Arc<AtomicBool>,
 }
 
 impl Drop for Running {
@@ -158,9 +171,11 @@ impl Drop for Running {
 fn start(store_gate: Gate, read_gate: Gate, woke: Sender<()>) -> Running {
     let dir = tempfile::tempdir().unwrap();
     crate::results::prepare_dir(dir.path()).unwrap();
+    let fail = Arc::new(AtomicBool::new(false));
     let store = GatedStore {
         inner: SqliteStore::open(dir.path()).unwrap(),
         gate: store_gate,
+        fail: fail.clone(),
     };
     let history = GatedHistory {
         inner: SqliteReader::open(dir.path()).unwrap(),
@@ -191,7 +206,25 @@ fn start(store_gate: Gate, read_gate: Gate, woke: Sender<()>) -> Running {
     Running {
         events,
         thread: Some(thread),
-        _dir: dir,
+        dir,
+        fail,
+    }
+}
+
+impl Running {
+    /// Submits `commits` and returns the answer.
+    fn submit(&self, commits: Vec<CommitId>) -> FromDispatcher {
+        let (reply, answer) = oneshot::channel();
+        self.events
+            .send(Event::Submit {
+                commits,
+                branch: None,
+                front: false,
+                rerun: false,
+                reply,
+            })
+            .unwrap();
+        recv_within(answer, "the submission's answer")
     }
 }
 
@@ -295,4 +328,59 @@ fn a_wake_up_taken_in_the_middle_of_a_batch_still_lets_out_what_it_announces() {
         Some(FromDispatcher::Assign { commit: c, .. }) => assert_eq!(c, commit(1)),
         other => panic!("the durable assignment was not sent: {other:?}"),
     }
+}
+
+/// A submission whose transaction fails took effect all the same (its op stays staged and
+/// is committed by the retry), so its sender must not hear "refused": it hears that it is
+/// not recorded yet. (It heard the dispatcher refused, exit 70, and the commit ran later.)
+#[test]
+fn a_submission_whose_commit_fails_is_told_not_recorded_and_recorded_by_the_retry() {
+    let core = start(
+        GateControl::new().gate,
+        GateControl::new().gate,
+        mpsc::channel().0,
+    );
+    core.fail.store(true, Ordering::SeqCst);
+    match core.submit(vec![commit(1)]) {
+        FromDispatcher::NotRecorded { reason } => {
+            assert!(reason.contains("write lock"), "{reason}");
+        }
+        other => panic!("expected NotRecorded, got {other:?}"),
+    }
+    // While the database cannot be written, new submissions are refused outright: nothing
+    // of them is taken.
+    match core.submit(vec![commit(2)]) {
+        FromDispatcher::Error { reason } => {
+            assert!(reason.contains("cannot record new commits"), "{reason}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    core.fail.store(false, Ordering::SeqCst);
+
+    let reader = SqliteReader::open(core.dir.path()).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let queue: Vec<CommitId> = reader
+            .queue()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.commit)
+            .collect();
+        if queue == vec![commit(1)] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the retry did not record the first submission: the queue is {queue:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Sending it again is safe: known, not queued twice.
+    assert_eq!(
+        core.submit(vec![commit(1)]),
+        FromDispatcher::Submitted {
+            queued: 0,
+            known: 1
+        }
+    );
 }
