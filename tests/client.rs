@@ -286,6 +286,50 @@ fn front_submissions_jump_the_queue_reruns_run_again_and_a_wrong_token_is_refuse
     Ok(())
 }
 
+/// A commit submitted before it is pushed is no verdict: origin's "no such commit" uses no
+/// attempt, the commit waits in the queue saying why, and it runs once it is pushed. (It
+/// was given up as `error` after three quick attempts, and the push that followed was
+/// answered "already known": the commit was never tested.)
+#[test]
+fn a_commit_submitted_before_its_push_waits_for_it_and_runs() -> Result<()> {
+    let c = Cluster::start(bins(), no_observer())?;
+    wait_status(&c, |v| {
+        v["runners"].as_array().is_some_and(|r| r.len() == 1)
+    })?;
+    let work = c.master.clone_to(&c.tmp.path().join("work"))?;
+    let sha = commit_in(&work, "not pushed yet", &[("new", "1")])?;
+    let o = tinyci_in(&c, &work, &["submit", &sha])?;
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    c.dispatcher().wait_for(
+        &["origin has no such commit", &format!("commit={sha}")],
+        WAIT,
+    )?;
+    let o = tinyci(&c, &["why", &sha])?;
+    assert!(text(&o).contains("not pushed yet?"), "{}", text(&o));
+    let o = tinyci(&c, &["show", &sha])?;
+    assert_eq!(code(&o), 4, "queued, not finished: {}", text(&o));
+    assert!(
+        !c.json_path(&sha).exists(),
+        "a verdict for an unpushed commit"
+    );
+
+    // Pushed (into a branch of the master, the runners' origin): it runs, on its first
+    // counted attempt, and passes.
+    git(
+        &c.master.dir,
+        &["fetch", "-q", &work.display().to_string(), "HEAD:pushed"],
+    )?;
+    let r = c.wait_result(&sha, WAIT)?;
+    assert_eq!(r["status"], "success", "{r}");
+    assert_eq!(r["attempts"], 1, "{r}");
+    assert!(
+        c.log_text(&sha).contains("ended without a result"),
+        "the miss is in the log: {}",
+        c.log_text(&sha)
+    );
+    Ok(())
+}
+
 #[test]
 fn a_followed_log_survives_a_dispatcher_restart_without_a_line_twice() -> Result<()> {
     let mut c = Cluster::start(bins(), no_observer())?;

@@ -349,8 +349,24 @@ fn a_commit_no_runner_can_check_out_is_given_up_listing_every_attempt() -> Resul
             ..Opts::default()
         },
     )?;
-    // A commit the observer would never report: no runner can find it in its origin.
-    let ghost = "0badc0de".repeat(5);
+    // A commit in origin whose file is not: every checkout fails. (A commit origin does
+    // not have at all waits for a push instead: tests/client.rs.) Made outside the
+    // master's branch, so the observer never reports it.
+    let tree = std::process::Command::new("git")
+        .args(["mktree", "--missing"])
+        .current_dir(&c.master.dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().expect("stdin").write_all(
+                format!("100644 blob {}\tghost.txt\n", "0badc0de".repeat(5)).as_bytes(),
+            )?;
+            child.wait_with_output()
+        })?;
+    let tree = String::from_utf8(tree.stdout)?.trim().to_owned();
+    let ghost = git(&c.master.dir, &["commit-tree", &tree, "-m", "ghost"])?;
     tokio::runtime::Runtime::new()?.block_on(async {
         use tinyci::proto::{CommitId, FromDispatcher, Role, ToDispatcher};
         let mut conn = tinyci::net::connect(&c.addr, Role::Observer, "").await?;

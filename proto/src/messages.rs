@@ -211,6 +211,10 @@ pub enum GiveBackCause {
     OriginUnreachable,
     /// The runner is stopping, or was paused when the job arrived. Not counted.
     Withdrawn,
+    /// Origin answered but has no such commit (not pushed yet, or the runner's origin is
+    /// a mirror that lags). Not counted: the commit waits in the queue, with a growing
+    /// delay, until it is pushed (a submission of new commits tries it again at once).
+    NotInOrigin,
 }
 
 /// Messages from the dispatcher to an observer or a runner.

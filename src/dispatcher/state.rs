@@ -16,15 +16,17 @@
 //! runners) and an infrastructure failure of the runner. What does not: a runner that was
 //! stopped on purpose and handed the job back, and a runner whose origin was unreachable
 //! (it pauses until the origin is back). The next attempt goes to a runner the commit has
-//! not failed on, when one is registered and not paused.
+//! not failed on, when one is registered and not paused. A commit origin does not have
+//! (not pushed yet) does not count either: it waits in the queue for a while, or until
+//! commits are submitted ([`Scheduler::not_in_origin`]).
 //!
 //! The scheduler knows nothing of storage or of the result file's format: it answers in
 //! domain types ([`Assignment`], [`Lost`], [`Finished`]) that the core records and renders.
 //! It keeps only the commits that are queued or running; whether a commit already finished
 //! is the store's to say.
 
-use std::collections::{HashMap, VecDeque};
-use std::time::SystemTime;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tinyci_proto::{
@@ -35,6 +37,13 @@ use tinyci_proto::{
 /// Uncounted hand-backs are not free for ever: a commit handed out this many times the
 /// maximum number of attempts is given up even if most of its failures did not count.
 pub const HANDOUT_LIMIT_FACTOR: u32 = 10;
+
+/// How long a commit that origin did not have waits before it is handed out again; the
+/// wait doubles with each miss, up to [`ORIGIN_RETRY_MAX`].
+pub const ORIGIN_RETRY_FIRST: Duration = Duration::from_secs(5);
+
+/// The longest wait between two looks for a commit origin did not have.
+pub const ORIGIN_RETRY_MAX: Duration = Duration::from_secs(600);
 
 /// How the failure of an attempt whose runner was lost begins.
 const LOST: &str = "the runner was lost";
@@ -115,6 +124,11 @@ pub struct Entry {
     /// A client cancelled it while it ran: however the attempt ends, the commit is
     /// finished as `cancelled`.
     pub cancel_requested: bool,
+    /// Origin did not have it when a runner last looked: not handed out before this time
+    /// (or before commits are submitted, which may mean it was pushed).
+    pub retry_at: Option<SystemTime>,
+    /// How many times in a row origin did not have it (the wait doubles with each).
+    pub origin_misses: u32,
 }
 
 impl Entry {
@@ -128,6 +142,8 @@ impl Entry {
             failures: Vec::new(),
             branch: None,
             cancel_requested: false,
+            retry_at: None,
+            origin_misses: 0,
         }
     }
 
@@ -212,6 +228,8 @@ pub struct Scheduler {
     runners: HashMap<RunnerId, Runner>,
     idle: VecDeque<RunnerId>,
     jobs: HashMap<JobId, CommitId>,
+    /// Queued commits that wait for origin to have them ([`Entry::retry_at`]).
+    missing: HashSet<CommitId>,
 }
 
 impl Scheduler {
@@ -224,6 +242,7 @@ impl Scheduler {
             runners: HashMap::new(),
             idle: VecDeque::new(),
             jobs: HashMap::new(),
+            missing: HashSet::new(),
         }
     }
 
@@ -452,6 +471,51 @@ impl Scheduler {
             .ok_or(Refusal::NotOutstanding(job))
     }
 
+    /// The runner holding `job` handed it back because its origin has no such commit (not
+    /// pushed yet, or a mirror that lags). Not counted; the commit stays at the front of
+    /// the queue but is not handed out again for a while ([`ORIGIN_RETRY_FIRST`], doubling
+    /// up to [`ORIGIN_RETRY_MAX`]), or until [`Scheduler::origin_moved`]. It is given up
+    /// only by the limit on hand-outs, as every uncounted hand-back is.
+    pub fn not_in_origin(
+        &mut self,
+        job: JobId,
+        reason: String,
+        now: SystemTime,
+    ) -> Result<Lost, Refusal> {
+        let lost = self.give_back(job, reason, false, now)?;
+        if let Lost::Requeued { commit, .. } = &lost {
+            if let Some(e) = self.active.get_mut(commit) {
+                let wait = ORIGIN_RETRY_FIRST
+                    .saturating_mul(1 << e.origin_misses.min(16))
+                    .min(ORIGIN_RETRY_MAX);
+                e.origin_misses += 1;
+                e.retry_at = Some(now + wait);
+                self.missing.insert(commit.clone());
+            }
+        }
+        Ok(lost)
+    }
+
+    /// Commits were submitted: origin may have the missing ones now. They may be handed
+    /// out again at once.
+    pub fn origin_moved(&mut self) {
+        for c in self.missing.drain() {
+            if let Some(e) = self.active.get_mut(&c) {
+                e.retry_at = None;
+            }
+        }
+    }
+
+    /// When the next commit that waits for origin may be handed out again, if one waits
+    /// past `now` (one whose time has come goes with the next runner that is free).
+    pub fn next_retry(&self, now: SystemTime) -> Option<SystemTime> {
+        self.missing
+            .iter()
+            .filter_map(|c| self.active.get(c)?.retry_at)
+            .filter(|t| *t > now)
+            .min()
+    }
+
     /// Ends attempt `job` without a result: records the failure and requeues the commit at
     /// the front, or gives it up once its counted failures (or all its hand-outs) reach
     /// the limit. The runner's own bookkeeping is the caller's.
@@ -524,7 +588,7 @@ impl Scheduler {
         let mut out = Vec::new();
         let mut from = 0;
         while from < self.queue.len() && !self.idle.is_empty() {
-            let Some((at, slot)) = self.next_pair(from) else {
+            let Some((at, slot)) = self.next_pair(from, now) else {
                 break;
             };
             let (Some(commit), Some(id)) = (self.queue.remove(at), self.idle.remove(slot)) else {
@@ -539,6 +603,9 @@ impl Scheduler {
                 continue;
             };
             let job = JobId::new();
+            if entry.retry_at.take().is_some() {
+                self.missing.remove(&commit);
+            }
             entry.attempts += 1;
             entry.started_at = Some(now);
             entry.state = AttemptState::Running { job, runner: id };
@@ -558,11 +625,14 @@ impl Scheduler {
 
     /// The first queued commit at or after `from` that can go to an idle runner now, with
     /// that runner's place in the idle list.
-    fn next_pair(&self, from: usize) -> Option<(usize, usize)> {
+    fn next_pair(&self, from: usize, now: SystemTime) -> Option<(usize, usize)> {
         for (at, commit) in self.queue.iter().enumerate().skip(from) {
             let Some(entry) = self.active.get(commit) else {
                 continue;
             };
+            if entry.retry_at.is_some_and(|t| t > now) {
+                continue; // origin did not have it a moment ago
+            }
             if entry.failures.is_empty() {
                 return Some((at, 0)); // the common case: the longest-idle runner
             }
@@ -680,6 +750,7 @@ impl Scheduler {
                     self.jobs.remove(&job);
                 }
                 self.queue.retain(|c| c != commit);
+                self.missing.remove(commit);
                 let entry = self.active.remove(commit)?;
                 Some(Cancel::Queued {
                     job: orphan,
@@ -783,7 +854,13 @@ impl Scheduler {
 
     /// Why the commit at place `at` in the queue waits.
     fn waiting(&self, at: usize, e: &Entry) -> String {
-        let mut why = if self.runners.is_empty() {
+        let mut why = if e.retry_at.is_some() {
+            format!(
+                "origin had no such commit when a runner looked ({} time(s) in a row): not pushed yet? It is tried again after a pause that doubles up to {} min, and at once when commits are submitted (`tinyci submit` it after pushing)",
+                e.origin_misses,
+                ORIGIN_RETRY_MAX.as_secs() / 60
+            )
+        } else if self.runners.is_empty() {
             "no runner is registered".to_owned()
         } else if self.runners.values().all(|r| r.paused) {
             let reasons: Vec<String> = self
@@ -993,6 +1070,68 @@ mod tests {
         let r = s.finish(second.job, ok(), now()).unwrap();
         assert_eq!(r.attempts, 2);
         assert_eq!(r.runner.as_deref(), Some("b"));
+    }
+
+    /// A commit origin does not have (not pushed yet) is no verdict: its misses do not
+    /// count, it waits with a doubling pause while later commits go first, and a
+    /// submission (a push) has it tried again at once.
+    #[test]
+    fn a_commit_origin_lacks_waits_for_a_push_without_using_attempts() {
+        let t0 = now();
+        let mut s = Scheduler::new(2);
+        s.submit(c(1), t0);
+        s.add_runner(RunnerId(1), "a".into(), false);
+        let mut at = t0;
+        for (miss, wait) in [(1u32, 5u64), (2, 10), (3, 20), (4, 40)] {
+            let a = s.assign(at).remove(0);
+            assert_eq!(a.commit, c(1));
+            let lost = s.not_in_origin(a.job, "no such commit".into(), at).unwrap();
+            assert!(
+                matches!(lost, Lost::Requeued { ref failure, .. } if !failure.counted),
+                "{lost:?}"
+            );
+            let e = s.entry(&c(1)).unwrap();
+            assert_eq!((e.attempts, e.origin_misses), (0, miss));
+            assert_eq!(s.next_retry(at), Some(at + Duration::from_secs(wait)));
+            let (state, why) = s.why(&c(1)).unwrap();
+            assert_eq!(state, RunState::Queued);
+            assert!(why.contains("not pushed yet?"), "{why}");
+            // Not before its time.
+            assert!(s.assign(at + Duration::from_secs(wait - 1)).is_empty());
+            if miss < 4 {
+                at += Duration::from_secs(wait);
+            }
+        }
+        // While it waits, the next commit goes first.
+        s.submit(c(2), at);
+        let b = s.assign(at).remove(0);
+        assert_eq!(b.commit, c(2));
+        s.finish(b.job, ok(), at).unwrap();
+        assert!(s.assign(at).is_empty());
+        // Pushed: a submission (of anything) has it go at once.
+        s.origin_moved();
+        assert_eq!(s.next_retry(at), None);
+        let a = s.assign(at).remove(0);
+        assert_eq!((a.commit.clone(), a.attempt), (c(1), 1));
+        let r = s.finish(a.job, ok(), at).unwrap();
+        assert_eq!((r.status, r.attempts), (RunStatus::Success, 1));
+    }
+
+    #[test]
+    fn a_cancelled_commit_that_waited_for_origin_is_forgotten() {
+        let mut s = Scheduler::new(2);
+        s.submit(c(1), now());
+        s.add_runner(RunnerId(1), "a".into(), false);
+        let a = s.assign(now()).remove(0);
+        s.not_in_origin(a.job, "no such commit".into(), now())
+            .unwrap();
+        assert!(s.next_retry(now()).is_some());
+        assert!(matches!(
+            s.cancel(&c(1), now()),
+            Some(Cancel::Queued { .. })
+        ));
+        assert_eq!(s.next_retry(now()), None);
+        assert!(s.queue_view().is_empty());
     }
 
     #[test]

@@ -77,6 +77,7 @@ impl Counters {
             Event::GiveBack { cause, .. } => match cause {
                 GiveBackCause::Infrastructure => "runner_could_not_run",
                 GiveBackCause::OriginUnreachable => "origin_unreachable",
+                GiveBackCause::NotInOrigin => "not_in_origin",
                 GiveBackCause::Withdrawn => return,
             },
             _ => return,

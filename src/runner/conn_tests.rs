@@ -64,7 +64,7 @@ impl Work for ScriptedWork {
             if obeys {
                 let _ = events.send(JobEvent::Infra(InfraFailure {
                     reason: STOPPED.into(),
-                    origin_unreachable: false,
+                    cause: GiveBackCause::Infrastructure,
                     steps: Vec::new(),
                 }));
             } else {

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tinyci_proto::{CommitId, RunReport, RunStatus, StepReport, StepStatus};
+use tinyci_proto::{CommitId, GiveBackCause, RunReport, RunStatus, StepReport, StepStatus};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::ChildStdin;
 use tokio::sync::mpsc::UnboundedSender;
@@ -126,8 +126,10 @@ pub enum JobEvent {
 pub struct InfraFailure {
     /// In words, for the dispatcher's record of the attempt.
     pub reason: String,
-    /// The origin could not be reached: the runner should pause until it can.
-    pub origin_unreachable: bool,
+    /// What kind of trouble: [`GiveBackCause::OriginUnreachable`] has the runner pause
+    /// until origin answers; [`GiveBackCause::NotInOrigin`] has the dispatcher wait for
+    /// the commit to be pushed. (A runner that is stopping says `Withdrawn` instead.)
+    pub cause: GiveBackCause,
     /// The steps that ended before the job was stopped (the stopped one included).
     pub steps: Vec<StepReport>,
 }
@@ -238,7 +240,7 @@ fn stopped() -> InfraFailure {
 fn stopped_after(steps: Vec<StepReport>) -> InfraFailure {
     InfraFailure {
         reason: STOPPED.into(),
-        origin_unreachable: false,
+        cause: GiveBackCause::Infrastructure,
         steps,
     }
 }
@@ -259,7 +261,13 @@ async fn prepare(
         } else {
             InfraFailure {
                 reason: format!("checkout failed: {e}"),
-                origin_unreachable: e.origin_unreachable(),
+                cause: if e.origin_unreachable() {
+                    GiveBackCause::OriginUnreachable
+                } else if e.kind == GitErrorKind::NotFound {
+                    GiveBackCause::NotInOrigin
+                } else {
+                    GiveBackCause::Infrastructure
+                },
                 steps: Vec::new(),
             }
         }
@@ -288,12 +296,12 @@ async fn prepare(
     .await
     .map_err(|e| InfraFailure {
         reason: format!("reading the spec: {e}"),
-        origin_unreachable: false,
+        cause: GiveBackCause::Infrastructure,
         steps: Vec::new(),
     })?
     .map_err(|e| InfraFailure {
         reason: format!("reading the spec: {e}"),
-        origin_unreachable: false,
+        cause: GiveBackCause::Infrastructure,
         steps: Vec::new(),
     })?;
     Ok(match spec::from_tree(source.0, source.1) {

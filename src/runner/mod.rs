@@ -234,17 +234,11 @@ impl ActiveJob {
                 info!(commit = %self.commit, status = ?report.status, "job finished");
                 self.end = Some(JobEnd::Report(report));
             }
-            JobEvent::Infra(InfraFailure {
-                reason,
-                origin_unreachable,
-                ..
-            }) => {
+            JobEvent::Infra(InfraFailure { reason, cause, .. }) => {
                 let cause = if self.withdrawing.is_some() {
                     GiveBackCause::Withdrawn
-                } else if origin_unreachable {
-                    GiveBackCause::OriginUnreachable
                 } else {
-                    GiveBackCause::Infrastructure
+                    cause
                 };
                 warn!(commit = %self.commit, reason, cause = ?cause, "the job could not be carried out; handing the commit back");
                 let pause = (cause == GiveBackCause::OriginUnreachable)
@@ -867,7 +861,7 @@ async fn job_event(job: &mut Option<ActiveJob>) -> JobEvent {
             // The job task ended without saying how: it panicked, or was aborted.
             None => JobEvent::Infra(InfraFailure {
                 reason: "the runner's job task crashed".into(),
-                origin_unreachable: false,
+                cause: GiveBackCause::Infrastructure,
                 steps: Vec::new(),
             }),
         },

@@ -87,6 +87,8 @@ impl Core {
             batch.acks.push((reply, FromDispatcher::Error { reason }));
             return;
         }
+        // Something was pushed, most likely: commits origin did not have may be there now.
+        self.sched.origin_moved();
         let (mut queued, mut known) = (0u32, 0u32);
         // To the front, the oldest must end up first: put them there newest first.
         let order: Box<dyn Iterator<Item = CommitId>> = if front {
@@ -221,9 +223,25 @@ impl Core {
             return;
         }
         let counted = cause == GiveBackCause::Infrastructure;
-        match self.sched.give_back(job, reason.clone(), counted, now) {
+        let given_back = if cause == GiveBackCause::NotInOrigin {
+            self.sched.not_in_origin(job, reason.clone(), now)
+        } else {
+            self.sched.give_back(job, reason.clone(), counted, now)
+        };
+        match given_back {
             Ok(lost) => {
                 match &lost {
+                    Lost::Requeued {
+                        commit, failure, ..
+                    } if cause == GiveBackCause::NotInOrigin => {
+                        let wait = self
+                            .sched
+                            .entry(commit)
+                            .and_then(|e| e.retry_at)
+                            .and_then(|t| t.duration_since(now).ok())
+                            .unwrap_or_default();
+                        warn!(runner = %runner, commit = %commit, job = %job, reason, attempt = failure.attempt, retry_in = ?wait, "origin has no such commit (not pushed yet?); it waits in the queue, and is tried again then or when commits are submitted")
+                    }
                     Lost::Requeued {
                         commit, failure, ..
                     } => {

@@ -339,10 +339,16 @@ impl Core {
         loop {
             // Logs that owe a line about lost output are retried even when no event comes.
             let retry = (!self.torn_logs.is_empty()).then(|| Instant::now() + STORE_RETRY);
-            let wake = match (self.orphan_deadline, retry) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            // Commits that origin did not have are handed out again at their time.
+            let now = SystemTime::now();
+            let missing = self
+                .sched
+                .next_retry(now)
+                .map(|at| Instant::now() + at.duration_since(now).unwrap_or_default());
+            let wake = [self.orphan_deadline, retry, missing]
+                .into_iter()
+                .flatten()
+                .min();
             let first = match wake {
                 Some(deadline) => {
                     match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
