@@ -240,3 +240,51 @@ fn a_finished_commit_submitted_again_after_a_restart_is_known_not_queued() -> Re
     assert_eq!(queued, 1, "queued again after a restart");
     Ok(())
 }
+
+/// The database's files deleted, or `.tinyci` moved away, under a running dispatcher: it
+/// notices, stops (exit 1: a supervisor restarts it), and saves what the open database
+/// holds; the next start puts that in place, so the history is whole and nothing runs
+/// again. (It went on writing into files no path named, and the next start found an
+/// empty history.)
+#[test]
+fn database_files_deleted_or_moved_under_the_dispatcher_are_saved_for_the_next_start() -> Result<()>
+{
+    let mut c = Cluster::start_ready(bins(), Opts::default())?;
+    let tip = c.master.head()?;
+    let state = c.results.join(".tinyci");
+    for how in ["delete", "move"] {
+        let sha = c.commit(&format!("before the {how}"), &[("f", how)])?;
+        c.wait_result(&sha, WAIT)?;
+        match how {
+            "delete" => {
+                for f in ["tinyci.db", "tinyci.db-wal", "tinyci.db-shm"] {
+                    std::fs::remove_file(state.join(f))?;
+                }
+            }
+            _ => std::fs::rename(&state, c.results.join(".tinyci.moved"))?,
+        }
+        let d = c.dispatcher.as_mut().context("dispatcher")?;
+        let status = d
+            .wait_exit(WAIT)
+            .with_context(|| format!("the dispatcher went on after the {how}:\n{}", d.log()))?;
+        assert_eq!(status.code(), Some(1), "{}", d.log());
+        d.wait_for(&["saved the database"], WAIT)?;
+        let port = c.addr.rsplit(':').next().unwrap_or("0").to_owned();
+        let old = c.dispatcher.take().context("dispatcher")?;
+        c.past_dispatchers.push(old);
+        c.start_dispatcher(&port)?;
+        c.dispatcher()
+            .wait_for(&["put in place the database saved"], WAIT)?;
+        for done in [&tip, &sha] {
+            let detail = c
+                .run_detail(done)?
+                .with_context(|| format!("{done} is missing from the history after the {how}"))?;
+            assert_eq!(detail.summary.attempts, 1, "{detail:?}");
+            assert_eq!(detail.attempts.len(), 1, "run again? {detail:?}");
+        }
+    }
+    // And it goes on.
+    let after = c.commit("after", &[("f", "after")])?;
+    assert_eq!(c.wait_result(&after, WAIT)?["status"], "success");
+    Ok(())
+}

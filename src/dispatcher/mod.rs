@@ -130,6 +130,23 @@ pub async fn run(
     // the result files under the first one's feet. Held until `run` returns (the kernel
     // drops it if the process dies).
     let _owner = DirLock::acquire(&dir.join(results::STATE_DIR), "dispatcher")?;
+    // A copy saved by a dispatcher whose database files were deleted under it.
+    let db_file = store::sqlite::db_path(&dir);
+    match store::watch::install_rescued(&db_file) {
+        Ok(true) => {
+            warn!(db = %db_file.display(), "put in place the database saved by the last dispatcher when its files were deleted or moved under it")
+        }
+        Ok(false) => {}
+        Err(e) => {
+            return Err(DispatcherError::Database {
+                dir: dir.display().to_string(),
+                source: store::StoreError::Io {
+                    what: format!("putting {} in place", store::watch::RESCUED_FILE),
+                    source: e,
+                },
+            })
+        }
+    }
     // Opening the database and recovering block: off the async workers.
     let grace = (config.heartbeat_timeout * 2).max(Duration::from_secs(6));
     let (core_dir, max_attempts) = (dir.clone(), config.max_attempts);

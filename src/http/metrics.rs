@@ -189,6 +189,14 @@ impl<S: Store> Store for CountingStore<S> {
     fn forget_runners(&mut self) -> Result<(), StoreError> {
         self.inner.forget_runners()
     }
+
+    fn lost(&mut self) -> Option<String> {
+        self.inner.lost()
+    }
+
+    fn rescue(&mut self) -> Result<std::path::PathBuf, StoreError> {
+        self.inner.rescue()
+    }
 }
 
 /// The metrics in the Prometheus text format.

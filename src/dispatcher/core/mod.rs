@@ -263,6 +263,8 @@ pub struct Core {
     /// submissions are refused with this reason, no new work is handed out, and the store
     /// thread retries the commit every [`STORE_RETRY`].
     trouble: Option<String>,
+    /// The database's files are gone from under us (said by the store thread): stop.
+    lost: Option<String>,
     /// Batches whose ops are not durable yet, oldest first, with the sequence number they
     /// wait for: their replies, results, result acknowledgements and assignments are let
     /// out, in order, once it is.
@@ -326,6 +328,7 @@ impl Core {
             orphan_deadline: restored.orphan_deadline,
             writer,
             trouble: None,
+            lost: None,
             pending: VecDeque::new(),
             torn_logs: Vec::new(),
             history,
@@ -417,6 +420,15 @@ impl Core {
             if stop {
                 return self.finish();
             }
+            if let Some(what) = self.lost.take() {
+                // What is in flight is committed (to the lost files, which the store
+                // thread then saves as it closes, when this core is dropped).
+                let _ = self.finish();
+                return Err(StorageError::new(
+                    "watching the database's files",
+                    StoreError::Lost(what),
+                ));
+            }
         }
     }
 
@@ -426,6 +438,7 @@ impl Core {
     fn finish(mut self) -> Result<(), StorageError> {
         while self.store.has_unsettled() {
             match self.store.wait() {
+                Some(Committed::Lost(_)) => {}
                 Some(Committed::Failed { .. }) | None => {
                     tracing::error!("stopping with changes the database could not record: unacknowledged results will be reported again by their runners, or run again");
                     return Ok(());
@@ -445,6 +458,7 @@ impl Core {
     fn settle(&mut self) -> bool {
         for answer in self.store.answers() {
             match answer {
+                Committed::Lost(what) => self.lost = Some(what),
                 Committed::Durable(_) => self.store_works(),
                 Committed::Failed { upto, error } => {
                     self.store_failed(&error);

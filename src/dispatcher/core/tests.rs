@@ -117,6 +117,12 @@ impl Store for GatedStore {
     fn forget_runners(&mut self) -> Result<(), StoreError> {
         self.inner.forget_runners()
     }
+    fn lost(&mut self) -> Option<String> {
+        self.inner.lost()
+    }
+    fn rescue(&mut self) -> Result<std::path::PathBuf, StoreError> {
+        self.inner.rescue()
+    }
 }
 
 /// The real read side, whose `counts` (a status question) stops at a gate.

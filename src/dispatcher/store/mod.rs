@@ -19,6 +19,7 @@
 
 pub mod sqlite;
 pub mod thread;
+pub mod watch;
 
 use std::time::SystemTime;
 
@@ -204,6 +205,9 @@ pub enum StoreError {
     /// newer version).
     #[error("the database holds what this dispatcher cannot use: {0}")]
     Corrupt(String),
+    /// The database's files were deleted, moved or replaced while the dispatcher ran.
+    #[error("{0}, under the running dispatcher; it stops, and saves what the open database holds for the next start")]
+    Lost(String),
     /// A file beside the database (a journal to import, a result file) failed.
     #[error("{what}: {source}")]
     Io {
@@ -242,7 +246,7 @@ impl StoreError {
                         | rusqlite::ErrorCode::CannotOpen
                 )
             ),
-            StoreError::Corrupt(_) => false,
+            StoreError::Corrupt(_) | StoreError::Lost(_) => false,
             StoreError::Io { .. } => true,
         }
     }
@@ -273,6 +277,20 @@ pub trait Store {
 
     /// Marks every runner gone (at start, no runner is connected yet).
     fn forget_runners(&mut self) -> Result<(), StoreError>;
+
+    /// What happened to the database's files, if they are no longer the ones opened
+    /// (deleted, moved or replaced while the dispatcher runs: see [`watch`]).
+    fn lost(&mut self) -> Option<String> {
+        None
+    }
+
+    /// Copies what the open database holds to where the next start puts it in place
+    /// (after [`Store::lost`]); returns where.
+    fn rescue(&mut self) -> Result<std::path::PathBuf, StoreError> {
+        Err(StoreError::Corrupt(
+            "this store cannot save a copy of itself".into(),
+        ))
+    }
 }
 
 /// Which runs [`History::runs`] lists.

@@ -149,6 +149,9 @@ fn db(what: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
 pub struct SqliteStore {
     conn: Connection,
     staged: Vec<Op>,
+    /// Whether the files opened are still where they were.
+    watch: super::watch::FileWatch,
+    results_dir: PathBuf,
 }
 
 impl SqliteStore {
@@ -163,6 +166,8 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn,
             staged: Vec::new(),
+            watch: super::watch::FileWatch::new(&path),
+            results_dir: results_dir.to_path_buf(),
         })
     }
 
@@ -556,6 +561,30 @@ impl Store for SqliteStore {
 
     fn has_staged(&self) -> bool {
         !self.staged.is_empty()
+    }
+
+    fn lost(&mut self) -> Option<String> {
+        self.watch.lost()
+    }
+
+    fn rescue(&mut self) -> Result<PathBuf, StoreError> {
+        let (target, _lock) =
+            super::watch::rescue_target(&self.results_dir, self.watch.state_dir_is_ours());
+        let io = |source| StoreError::Io {
+            what: format!("saving the database to {}", target.display()),
+            source,
+        };
+        let path = target
+            .to_str()
+            .ok_or_else(|| io(std::io::Error::other("the path is not UTF-8")))?;
+        // Reads through the files this connection has open, deleted or not.
+        self.conn
+            .execute("VACUUM INTO ?1", [path])
+            .map_err(db("saving a copy of the database (VACUUM INTO)"))?;
+        std::fs::File::open(&target)
+            .and_then(|f| f.sync_all())
+            .map_err(io)?;
+        Ok(target)
     }
 
     fn unfinished(&mut self) -> Result<Vec<Unfinished>, StoreError> {

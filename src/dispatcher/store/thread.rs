@@ -17,10 +17,11 @@
 
 use std::collections::HashMap;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tinyci_proto::CommitId;
 
+use super::watch::WATCH_EVERY;
 use super::{Op, Store, StoreError};
 
 /// How often a database that cannot be written is tried again.
@@ -39,6 +40,9 @@ pub enum Committed {
         /// Why.
         error: StoreError,
     },
+    /// The database's files were deleted, moved or replaced (said once, in words): the
+    /// dispatcher must stop. The thread saves a copy of the database when it is closed.
+    Lost(String),
 }
 
 /// Said once a batch is durable, on the store thread, before anyone hears of it.
@@ -175,6 +179,9 @@ impl Drop for StoreThread {
 
 /// The thread's loop: commits what arrives, batches that wait together in one
 /// transaction; retries a failed commit every [`STORE_RETRY`]; answers after each try.
+/// Every [`WATCH_EVERY`] it looks whether the database's files are still the ones opened;
+/// once they are not, it says so ([`Committed::Lost`]) and, when closed, saves a copy of
+/// the database for the next start.
 fn commit_until_closed(
     mut store: Box<dyn Store + Send>,
     rx: &Receiver<Sent>,
@@ -184,19 +191,20 @@ fn commit_until_closed(
     let mut upto = 0;
     // What to say once the staged ops are durable, in order.
     let mut to_say: Vec<OnDurable> = Vec::new();
+    let mut next_look = Instant::now() + WATCH_EVERY;
+    let mut lost = false;
     loop {
-        let (first, closed) = if store.has_staged() {
-            match rx.recv_timeout(STORE_RETRY) {
-                Ok(b) => (Some(b), false),
-                Err(RecvTimeoutError::Timeout) => (None, false),
-                Err(RecvTimeoutError::Disconnected) => (None, true),
-            }
+        let limit = if store.has_staged() {
+            STORE_RETRY
         } else {
-            match rx.recv() {
-                Ok(b) => (Some(b), false),
-                Err(_) => return,
-            }
+            next_look.saturating_duration_since(Instant::now())
         };
+        let (first, closed) = match rx.recv_timeout(limit) {
+            Ok(b) => (Some(b), false),
+            Err(RecvTimeoutError::Timeout) => (None, false),
+            Err(RecvTimeoutError::Disconnected) => (None, true),
+        };
+        let got = first.is_some();
         for (seq, ops, say) in first.into_iter().chain(rx.try_iter()) {
             for op in ops {
                 store.stage(op);
@@ -204,23 +212,44 @@ fn commit_until_closed(
             to_say.extend(say);
             upto = seq;
         }
-        let answer = match store.commit() {
-            Ok(()) => {
-                for say in to_say.drain(..) {
-                    say();
+        if got || store.has_staged() {
+            let answer = match store.commit() {
+                Ok(()) => {
+                    for say in to_say.drain(..) {
+                        say();
+                    }
+                    Committed::Durable(upto)
                 }
-                Committed::Durable(upto)
+                Err(error) => Committed::Failed { upto, error },
+            };
+            let failed = matches!(answer, Committed::Failed { .. });
+            if answers.send(answer).is_err() && !lost {
+                return;
             }
-            Err(error) => Committed::Failed { upto, error },
-        };
-        let failed = matches!(answer, Committed::Failed { .. });
-        if answers.send(answer).is_err() {
-            return;
-        }
-        wake();
-        if closed {
-            if failed {
+            wake();
+            if closed && failed {
                 tracing::error!("stopping with changes the database could not record: unacknowledged results will be reported again by their runners, or run again");
+            }
+        }
+        if !lost && Instant::now() >= next_look {
+            next_look = Instant::now() + WATCH_EVERY;
+            if let Some(what) = store.lost() {
+                lost = true;
+                tracing::error!(what, "the database's files are gone from under the dispatcher: stopping, and saving what the open database holds");
+                let _ = answers.send(Committed::Lost(what));
+                wake();
+            }
+        }
+        if closed {
+            if lost {
+                match store.rescue() {
+                    Ok(to) => {
+                        tracing::error!(to = %to.display(), "saved the database; the next start puts it in place: start the dispatcher again")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot save the database: the history since it was opened is lost")
+                    }
+                }
             }
             return;
         }
@@ -273,6 +302,7 @@ mod tests {
                     assert!(count(dir.path()) >= i64::from(u32::try_from(upto).unwrap()));
                 }
                 Committed::Failed { error, .. } => panic!("{error}"),
+                Committed::Lost(what) => panic!("{what}"),
             }
         }
         assert!(t.is_durable(50) && !t.has_unsettled());
