@@ -131,7 +131,7 @@ fn a_full_results_disk_refuses_submissions_keeps_serving_and_loses_nothing() -> 
     }
     let tip = c.master.head()?;
     let d = c.dispatcher();
-    d.wait_for(&["cannot write the journal"], WAIT)?;
+    d.wait_for(&["cannot write the database"], WAIT)?;
     d.wait_for(&["cannot write the log", &format!("commit={a}")], WAIT)?;
     c.observer.as_ref().expect("observer").wait_for(
         &["submission not acknowledged", "cannot record new commits"],

@@ -436,6 +436,13 @@ impl Core {
     /// what they promised. A database that cannot be written ends the wait (what it could
     /// not record is reported again by the runners, or run again).
     fn finish(mut self) -> Result<(), StorageError> {
+        // Failing already (a lock held by another program, a full disk): one more try
+        // would wait out the database's busy timeout for nothing; the store thread does
+        // not try again either once closed.
+        if self.trouble.is_some() && self.store.has_unsettled() {
+            tracing::error!("stopping with changes the database could not record: unacknowledged results will be reported again by their runners, or run again");
+            return Ok(());
+        }
         while self.store.has_unsettled() {
             match self.store.wait() {
                 Some(Committed::Lost(_)) => {}
@@ -541,7 +548,7 @@ impl Core {
     fn store_failed(&mut self, e: &StoreError) {
         if self.trouble.is_none() {
             // "journal": the database's write-ahead log is what a commit writes.
-            tracing::error!(error = %e, transient = e.is_transient(), retry_every = ?STORE_RETRY, "cannot write the journal (the database's write-ahead log): refusing new submissions and holding new work until it works again");
+            tracing::error!(error = %e, transient = e.is_transient(), retry_every = ?STORE_RETRY, "cannot write the database: refusing new submissions and holding new work until it works again");
         }
         self.trouble = Some(e.to_string());
     }

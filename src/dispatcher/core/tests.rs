@@ -1,7 +1,7 @@
 //! The core's loop against the real store thread and database, with gates that stop the
 //! store's commit and the core's reads where a test needs them to (races made exact).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -83,6 +83,8 @@ struct GatedStore {
     inner: SqliteStore,
     gate: Gate,
     fail: Arc<AtomicBool>,
+    /// Commit calls so far.
+    tries: Arc<AtomicUsize>,
 }
 
 impl Store for GatedStore {
@@ -91,6 +93,7 @@ impl Store for GatedStore {
     }
     fn commit(&mut self) -> Result<(), StoreError> {
         self.gate.pass();
+        self.tries.fetch_add(1, Ordering::SeqCst);
         if self.fail.load(Ordering::SeqCst) {
             return Err(StoreError::Db {
                 what: "committing",
@@ -160,6 +163,8 @@ struct Running {
     dir: tempfile::TempDir,
     /// Makes the store's commits fail while set.
     fail: Arc<AtomicBool>,
+    /// How many commits the store was asked for.
+    tries: Arc<AtomicUsize>,
 }
 
 impl Drop for Running {
@@ -178,10 +183,12 @@ fn start(store_gate: Gate, read_gate: Gate, woke: Sender<()>) -> Running {
     let dir = tempfile::tempdir().unwrap();
     crate::results::prepare_dir(dir.path()).unwrap();
     let fail = Arc::new(AtomicBool::new(false));
+    let tries = Arc::new(AtomicUsize::new(0));
     let store = GatedStore {
         inner: SqliteStore::open(dir.path()).unwrap(),
         gate: store_gate,
         fail: fail.clone(),
+        tries: tries.clone(),
     };
     let history = GatedHistory {
         inner: SqliteReader::open(dir.path()).unwrap(),
@@ -214,6 +221,7 @@ fn start(store_gate: Gate, read_gate: Gate, woke: Sender<()>) -> Running {
         thread: Some(thread),
         dir,
         fail,
+        tries,
     }
 }
 
@@ -388,5 +396,33 @@ fn a_submission_whose_commit_fails_is_told_not_recorded_and_recorded_by_the_retr
             queued: 0,
             known: 1
         }
+    );
+}
+
+/// A stop while the database cannot be written does not try it again, neither the core
+/// (waiting for one more answer) nor the store thread as it closes: each try waits out the
+/// database's busy timeout (5 s) when another program holds the lock. (Ctrl-C took 12 to
+/// 15 s then, and said "stopping with changes the database could not record" twice.)
+#[test]
+fn a_stop_while_the_database_fails_does_not_try_it_again() {
+    let mut core = start(
+        GateControl::new().gate,
+        GateControl::new().gate,
+        mpsc::channel().0,
+    );
+    core.fail.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        core.submit(vec![commit(1)]),
+        FromDispatcher::NotRecorded { .. }
+    ));
+    // The core knows of the trouble (it answered from it); a retry timer may add one try.
+    let before = core.tries.load(Ordering::SeqCst);
+    core.events.send(Event::Shutdown).unwrap();
+    core.thread.take().unwrap().join().unwrap();
+    let after = core.tries.load(Ordering::SeqCst);
+    assert!(
+        after <= before + 1,
+        "{} more commit tries after the stop",
+        after - before
     );
 }

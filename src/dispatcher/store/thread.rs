@@ -193,6 +193,9 @@ fn commit_until_closed(
     let mut to_say: Vec<OnDurable> = Vec::new();
     let mut next_look = Instant::now() + WATCH_EVERY;
     let mut lost = false;
+    // Whether the last commit failed: then a close does not try again (the core, which
+    // closes it, has said what is left unrecorded).
+    let mut failing = false;
     loop {
         let limit = if store.has_staged() {
             STORE_RETRY
@@ -212,7 +215,7 @@ fn commit_until_closed(
             to_say.extend(say);
             upto = seq;
         }
-        if got || store.has_staged() {
+        if (got || store.has_staged()) && !(closed && failing) {
             let answer = match store.commit() {
                 Ok(()) => {
                     for say in to_say.drain(..) {
@@ -223,6 +226,7 @@ fn commit_until_closed(
                 Err(error) => Committed::Failed { upto, error },
             };
             let failed = matches!(answer, Committed::Failed { .. });
+            failing = failed;
             if answers.send(answer).is_err() && !lost {
                 return;
             }
