@@ -259,11 +259,12 @@ pub fn restore(
                     u.attempts,
                     Some(r.runner),
                     u.failures,
+                    u.branch,
                 );
                 running += 1;
             }
             None => {
-                sched.restore_queued(u.commit, u.queued_at, u.attempts, u.failures);
+                sched.restore_queued(u.commit, u.queued_at, u.attempts, u.failures, u.branch);
                 queued += 1;
             }
         }
@@ -513,6 +514,7 @@ mod tests {
                     started_at: now,
                 }),
                 failures: Vec::new(),
+                branch: Some("main".into()),
             },
             Unfinished {
                 commit: c(2),
@@ -520,6 +522,7 @@ mod tests {
                 attempts: 0,
                 running: None,
                 failures: Vec::new(),
+                branch: Some("main".into()),
             },
         ];
         let mut sched = Scheduler::new(3);
@@ -527,6 +530,10 @@ mod tests {
         assert!(restored.orphan_deadline.is_some());
         assert!(restored.logs.contains_key(&job));
         assert_eq!(sched.queued(), 1);
+        for commit in [c(1), c(2)] {
+            let e = sched.entry(&commit).unwrap();
+            assert_eq!(e.branch.as_deref(), Some("main"), "the branch is restored");
+        }
         let lost = requeue_orphans(&mut sched);
         assert!(
             matches!(&lost[..], [Lost::Requeued { commit, failure, .. }] if *commit == c(1) && failure.counted)

@@ -275,6 +275,7 @@ impl Scheduler {
         attempts: u32,
         addr: Option<String>,
         failures: Vec<Failure>,
+        branch: Option<String>,
     ) {
         if self.is_active(&commit) {
             return;
@@ -288,6 +289,7 @@ impl Scheduler {
                 state: AttemptState::Orphaned { job },
                 runner_addr: addr,
                 failures,
+                branch,
                 ..Entry::new(queued_at)
             },
         );
@@ -300,11 +302,13 @@ impl Scheduler {
         queued_at: SystemTime,
         attempts: u32,
         failures: Vec<Failure>,
+        branch: Option<String>,
     ) {
         if self.submit(commit.clone(), queued_at) {
             if let Some(e) = self.active.get_mut(&commit) {
                 e.attempts = attempts;
                 e.failures = failures;
+                e.branch = branch;
             }
         }
     }
@@ -1184,8 +1188,17 @@ mod tests {
     fn restored_attempt_is_adopted_or_requeued() {
         let mut s = Scheduler::new(3);
         let job = JobId::new();
-        s.restore_running(c(1), now(), job, now(), 1, Some("a".into()), Vec::new());
-        s.restore_running(c(2), now(), JobId::new(), now(), 1, None, Vec::new());
+        s.restore_running(
+            c(1),
+            now(),
+            job,
+            now(),
+            1,
+            Some("a".into()),
+            Vec::new(),
+            None,
+        );
+        s.restore_running(c(2), now(), JobId::new(), now(), 1, None, Vec::new(), None);
         s.add_runner(RunnerId(1), "a".into(), false);
         assert!(!s.adopt(RunnerId(1), JobId::new()), "unknown job");
         assert!(s.adopt(RunnerId(1), job));

@@ -176,6 +176,8 @@ pub struct Unfinished {
     pub running: Option<RunningAttempt>,
     /// The attempts that ended without a result, oldest first.
     pub failures: Vec<Failure>,
+    /// The branch it was submitted for, if the submitter said.
+    pub branch: Option<String>,
 }
 
 /// An attempt that was outstanding when the dispatcher stopped.

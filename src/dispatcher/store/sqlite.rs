@@ -591,8 +591,8 @@ impl Store for SqliteStore {
         let mut out: Vec<Unfinished> = self
             .conn
             .prepare(
-                "SELECT sha, queued_at, attempts FROM commits WHERE status <> 'finished'
-                 ORDER BY rowid",
+                "SELECT sha, queued_at, attempts, branch FROM commits
+                 WHERE status <> 'finished' ORDER BY rowid",
             )
             .and_then(|mut s| {
                 s.query_map([], |r| {
@@ -600,19 +600,21 @@ impl Store for SqliteStore {
                         r.get::<_, String>(0)?,
                         r.get::<_, i64>(1)?,
                         r.get::<_, u32>(2)?,
+                        r.get::<_, Option<String>>(3)?,
                     ))
                 })?
                 .collect::<Result<Vec<_>, _>>()
             })
             .map_err(db("reading the queue"))?
             .into_iter()
-            .map(|(sha, queued_at, attempts)| {
+            .map(|(sha, queued_at, attempts, branch)| {
                 Ok(Unfinished {
                     commit: commit_id(&sha)?,
                     queued_at: time(queued_at),
                     attempts,
                     running: None,
                     failures: Vec::new(),
+                    branch,
                 })
             })
             .collect::<Result<_, StoreError>>()?;
@@ -1531,7 +1533,13 @@ mod tests {
         store.commit().unwrap();
         assert!(!store.has_staged());
         assert_eq!(count(&store), 2001, "every op exactly once");
-        assert_eq!(store.unfinished().unwrap().len(), 2000);
+        let u = store.unfinished().unwrap();
+        assert_eq!(u.len(), 2000);
+        assert_eq!(
+            u[0].branch.as_deref(),
+            Some("main"),
+            "the branch is read back"
+        );
     }
 
     #[test]
