@@ -974,6 +974,25 @@ fn observer_refuses_a_git_dir_a_bare_repository_and_a_subdirectory() -> Result<(
     intact(&clone)
 }
 
+#[test]
+fn observer_refuses_a_state_file_in_a_missing_directory() -> Result<()> {
+    let c = Cluster::start(bins(), bare_opts())?;
+    let missing = c.tmp.path().join("no-such-dir").join("observer.state");
+    let setup = CloneSetup::args(&["--state-file", &missing.display().to_string()]);
+    let mut p = c.spawn_observer_raw(&setup)?;
+    let status = p
+        .wait_exit(WAIT)
+        .ok_or_else(|| anyhow!("the observer went on:\n{}", p.log()))?;
+    ensure!(!status.success(), "exited 0:\n{}", p.log());
+    ensure!(
+        p.log().contains("no-such-dir does not exist"),
+        "no clear error:\n{}",
+        p.log()
+    );
+    ensure!(p.count(&["watching"]) == 0, "it started watching");
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 // One process per clone
 

@@ -104,6 +104,19 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), ObserverError
         .state_file
         .clone()
         .unwrap_or_else(|| clone.git_dir.join(STATE_FILE));
+    // A state file that cannot be written would be noticed only at the first commit, as a
+    // warning, and the observer would start from scratch at every restart.
+    if let Some(dir) = state_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(ObserverError::State {
+                path: state_path.display().to_string(),
+                message: format!(
+                    "its directory {} does not exist; create it or pass another --state-file",
+                    dir.display()
+                ),
+            });
+        }
+    }
     let mut base = match load_state(&state_path, &branch)? {
         Some(c) => Base::Acked(c),
         None => Base::Fresh,
