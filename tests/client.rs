@@ -330,6 +330,23 @@ fn a_commit_submitted_before_its_push_waits_for_it_and_runs() -> Result<()> {
     Ok(())
 }
 
+/// `wait --timeout` bounds the whole wait: a dispatcher that accepts and never answers
+/// (frozen) is given up at the timeout, not at the 5 s hello deadline, as unreachable.
+#[test]
+fn wait_timeout_bounds_a_dispatcher_that_never_answers() -> Result<()> {
+    let frozen = testkit::origins::HangingServer::start()?;
+    let o = Command::new(bins().tinyci)
+        .args(["--dispatcher-server", &frozen.addr.to_string()])
+        .args(["wait", &"ab".repeat(20), "--timeout", "1s"])
+        .env_remove("TINYCI_TOKEN")
+        .env_remove("TINYCI_DISPATCHER")
+        .stdin(Stdio::null())
+        .output()?;
+    assert_eq!(code(&o), 69, "{}", text(&o));
+    assert!(text(&o).contains("(--timeout)"), "{}", text(&o));
+    Ok(())
+}
+
 #[test]
 fn a_followed_log_survives_a_dispatcher_restart_without_a_line_twice() -> Result<()> {
     let mut c = Cluster::start(bins(), no_observer())?;

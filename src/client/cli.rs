@@ -701,10 +701,26 @@ async fn wait(
     style: Style,
 ) -> Result<u8, ClientError> {
     let deadline = timeout.map(|d| tokio::time::Instant::now() + d);
-    let mut c = t.connect().await?;
-    let id = full_id(&mut c, arg).await?;
-    let d = c.run(id.as_str()).await?;
-    drop(c);
+    let first_look = async {
+        let mut c = t.connect().await?;
+        let id = full_id(&mut c, arg).await?;
+        let d = c.run(id.as_str()).await?;
+        Ok::<_, ClientError>((id, d))
+    };
+    // --timeout bounds the whole wait, a dispatcher that does not answer included.
+    let (id, d) = match (deadline, timeout) {
+        (Some(at), Some(limit)) => {
+            tokio::time::timeout_at(at, first_look)
+                .await
+                .map_err(|_| {
+                    ClientError::Proto(tinyci_proto::ProtoError::Timeout(
+                        limit,
+                        "the dispatcher's answer (--timeout)",
+                    ))
+                })??
+        }
+        _ => first_look.await?,
+    };
     let state = if d.summary.state.is_finished() {
         Some(d.summary.state)
     } else {
