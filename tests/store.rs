@@ -288,3 +288,37 @@ fn database_files_deleted_or_moved_under_the_dispatcher_are_saved_for_the_next_s
     assert_eq!(c.wait_result(&after, WAIT)?["status"], "success");
     Ok(())
 }
+
+/// `.tinyci` deleted while the dispatcher is stopped: the next start finds a new database
+/// beside the result files, and imports them as finished runs, so a commit submitted again
+/// is known, not run again. (The history started empty, and it ran again.)
+#[test]
+fn result_files_left_without_their_database_are_imported_as_finished() -> Result<()> {
+    let mut c = Cluster::start_ready(bins(), Opts::default())?;
+    let tip = c.master.head()?;
+    let mut d = c.dispatcher.take().context("dispatcher")?;
+    ensure!(
+        d.terminate(WAIT).is_some_and(|s| s.success()),
+        "the dispatcher did not stop cleanly:\n{}",
+        d.log()
+    );
+    c.past_dispatchers.push(d);
+    std::fs::remove_dir_all(c.results.join(".tinyci"))?;
+    let port = c.addr.rsplit(':').next().unwrap_or("0").to_owned();
+    c.start_dispatcher(&port)?;
+    c.dispatcher()
+        .wait_for(&["imported as finished", "imported=1"], WAIT)?;
+    let detail = c
+        .run_detail(&tip)?
+        .context("the tip is not in the history")?;
+    assert_eq!(detail.summary.state, tinyci::proto::RunState::Success);
+    let answer = tokio::runtime::Runtime::new()?.block_on(async {
+        let mut client = tinyci::client::Client::connect(&c.addr, None).await?;
+        client
+            .submit(vec![CommitId::parse(&tip)?], None, false, false)
+            .await
+            .map_err(anyhow::Error::from)
+    })?;
+    assert_eq!((answer.queued, answer.known), (0, 1), "run again?");
+    Ok(())
+}

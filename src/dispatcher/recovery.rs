@@ -3,6 +3,9 @@
 //! 1. a directory written by an older dispatcher (its hand-written journal,
 //!    `.tinyci/journal`) is imported into the database once, and the journal kept aside as
 //!    `journal.imported` ([`import_journal`]);
+//!    A new database over a results directory that holds result files (its `.tinyci`
+//!    deleted while the dispatcher was stopped) imports them as finished runs
+//!    ([`import_result_files`]), so that nothing they vouch for runs again;
 //! 2. result files the database recorded but the disk may have lost or torn (a power cut
 //!    before the unsynced file reached the disk) are rewritten from the database, and the
 //!    filesystem synced, before they are marked safe ([`rewrite_results`]);
@@ -41,6 +44,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
 /// Steps 1 and 2, then reads the unfinished commits: what the core starts from.
 pub fn recover(dir: &Path, store: &mut dyn Store) -> Result<Vec<Unfinished>, StoreError> {
     import_journal(dir, store)?;
+    import_result_files(dir, store)?;
     rewrite_results(dir, store)?;
     store.forget_runners()?;
     store.unfinished()
@@ -127,6 +131,37 @@ pub fn import_journal(dir: &Path, store: &mut dyn Store) -> Result<(), StoreErro
         .and_then(|d| d.sync_all())
         .map_err(io_err("syncing the state directory"))?;
     info!(path = %aside.display(), "the old journal is kept aside; the database replaces it");
+    Ok(())
+}
+
+/// Imports every `<sha>.json` of `dir` as a finished run when the database holds no
+/// commit at all: the state directory was deleted (or lost) while the result files stayed.
+/// Without this, the history would start empty and every commit submitted again would run
+/// again. Attempts, steps' times and branches before then are not known; the files and
+/// logs are untouched.
+pub fn import_result_files(dir: &Path, store: &mut dyn Store) -> Result<(), StoreError> {
+    if store.has_history()? {
+        return Ok(());
+    }
+    let mut imported = 0usize;
+    for commit in results::finished_commits(dir).map_err(io_err("listing result files"))? {
+        match results::read_result(dir, &commit).and_then(|r| r.to_run()) {
+            Ok(run) => {
+                store.stage(Op::Imported { run });
+                imported += 1;
+            }
+            Err(e) => {
+                warn!(commit = %commit, error = %e, "result file not imported (unreadable); it stays on disk, and the commit runs again if submitted");
+            }
+        }
+    }
+    if imported > 0 {
+        store.commit()?;
+        warn!(
+            imported,
+            "the database is new but the results directory holds result files (was .tinyci deleted?): their runs are imported as finished; what came before them (attempts, branches) is not in the history"
+        );
+    }
     Ok(())
 }
 

@@ -280,6 +280,11 @@ pub trait Store {
     /// Marks every runner gone (at start, no runner is connected yet).
     fn forget_runners(&mut self) -> Result<(), StoreError>;
 
+    /// Whether the database holds any commit at all (a new one holds none).
+    fn has_history(&mut self) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
     /// What happened to the database's files, if they are no longer the ones opened
     /// (deleted, moved or replaced while the dispatcher runs: see [`watch`]).
     fn lost(&mut self) -> Option<String> {

@@ -697,6 +697,13 @@ impl Store for SqliteStore {
             .map_err(db("reading the journal import mark"))
     }
 
+    fn has_history(&mut self) -> Result<bool, StoreError> {
+        self.conn
+            .prepare_cached("SELECT 1 FROM commits LIMIT 1")
+            .and_then(|mut s| s.exists([]))
+            .map_err(db("looking for any commit"))
+    }
+
     fn forget_runners(&mut self) -> Result<(), StoreError> {
         self.conn
             .execute(
