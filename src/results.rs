@@ -167,7 +167,17 @@ pub fn finished_commits(dir: &Path) -> io::Result<Vec<CommitId>> {
 
 /// Creates the results directory and its state directory.
 pub fn prepare_dir(dir: &Path) -> io::Result<()> {
-    fs::create_dir_all(dir.join(STATE_DIR))
+    let state = dir.join(STATE_DIR);
+    match fs::create_dir_all(&state) {
+        Err(e) if state.exists() && !state.is_dir() => Err(io::Error::new(
+            e.kind(),
+            format!(
+                "{} is not a directory (the dispatcher keeps its database there)",
+                state.display()
+            ),
+        )),
+        other => other,
+    }
 }
 
 /// Opens `<sha>.log` for appending, creating it.

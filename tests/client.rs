@@ -97,6 +97,11 @@ fn commands_answer_with_tables_json_and_documented_exit_codes() -> Result<()> {
     assert!(text(&o).contains("already known"), "{}", text(&o));
     let o = tinyci(&c, &["wait", &good, "--timeout", "30s"])?;
     assert_eq!(code(&o), 0, "{}", text(&o));
+    // Finished: any timeout tells it, none too short or too long.
+    for t in ["0s", "18446744073709551615s"] {
+        let o = tinyci(&c, &["wait", &good, "--timeout", t])?;
+        assert_eq!(code(&o), 0, "--timeout {t}: {}", text(&o));
+    }
     let o = tinyci(&c, &["show", &good[..10]])?;
     assert_eq!(code(&o), 0, "{}", text(&o));
     let t = text(&o);
@@ -306,6 +311,25 @@ fn a_commit_submitted_before_its_push_waits_for_it_and_runs() -> Result<()> {
     )?;
     let o = tinyci(&c, &["why", &sha])?;
     assert!(text(&o).contains("not pushed yet?"), "{}", text(&o));
+    // Mistakes the repository here can catch: an object that is not a commit is refused,
+    // an id it does not have is taken with a note.
+    let blob = git(&work, &["rev-parse", "HEAD:new"])?;
+    let o = tinyci_in(&c, &work, &["submit", &blob])?;
+    assert_eq!(code(&o), 5, "{}", text(&o));
+    assert!(text(&o).contains("is a blob"), "{}", text(&o));
+    let typo = "0123456789".repeat(4);
+    let o = tinyci(&c, &["submit", &typo])?;
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(
+        text(&o).contains("is not in the repository here"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(code(&tinyci(&c, &["cancel", &typo])?), 0);
+    // Outside any repository, a prefix of a commit the dispatcher knows is completed.
+    let o = tinyci_in(&c, c.tmp.path(), &["submit", &sha[..12]])?;
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(text(&o).contains("queued 0 of 1"), "{}", text(&o));
     let o = tinyci(&c, &["show", &sha])?;
     assert_eq!(code(&o), 4, "queued, not finished: {}", text(&o));
     assert!(

@@ -167,7 +167,7 @@ fn a_full_results_disk_refuses_submissions_keeps_serving_and_loses_nothing() -> 
     );
     assert!(log.contains("No space left on device"), "{log}");
     c.dispatcher()
-        .wait_for(&["the journal is writable again"], WAIT)?;
+        .wait_for(&["the database is writable again"], WAIT)?;
     assert_eq!(c.wait_result(&tip, WAIT)?["status"], "success");
     let d = c.dispatcher();
     assert_eq!(d.count(&["queued", &format!("commit={tip}")]), 1);

@@ -252,7 +252,7 @@ fn database_files_deleted_or_moved_under_the_dispatcher_are_saved_for_the_next_s
     let mut c = Cluster::start_ready(bins(), Opts::default())?;
     let tip = c.master.head()?;
     let state = c.results.join(".tinyci");
-    for how in ["delete", "move"] {
+    for how in ["delete", "move", "wipe"] {
         let sha = c.commit(&format!("before the {how}"), &[("f", how)])?;
         c.wait_result(&sha, WAIT)?;
         match how {
@@ -261,7 +261,9 @@ fn database_files_deleted_or_moved_under_the_dispatcher_are_saved_for_the_next_s
                     std::fs::remove_file(state.join(f))?;
                 }
             }
-            _ => std::fs::rename(&state, c.results.join(".tinyci.moved"))?,
+            "move" => std::fs::rename(&state, c.results.join(".tinyci.moved"))?,
+            // `rm -rf test_results`: the result files go too.
+            _ => std::fs::remove_dir_all(&c.results)?,
         }
         let d = c.dispatcher.as_mut().context("dispatcher")?;
         let status = d
@@ -281,6 +283,10 @@ fn database_files_deleted_or_moved_under_the_dispatcher_are_saved_for_the_next_s
                 .with_context(|| format!("{done} is missing from the history after the {how}"))?;
             assert_eq!(detail.summary.attempts, 1, "{detail:?}");
             assert_eq!(detail.attempts.len(), 1, "run again? {detail:?}");
+            ensure!(
+                c.json_path(done).exists(),
+                "{done}.json is not rewritten after the {how}"
+            );
         }
     }
     // And it goes on.
@@ -304,10 +310,21 @@ fn result_files_left_without_their_database_are_imported_as_finished() -> Result
     );
     c.past_dispatchers.push(d);
     std::fs::remove_dir_all(c.results.join(".tinyci"))?;
+    // A file whose name and contents disagree is not imported under either.
+    let impostor = "1234abcd".repeat(5);
+    std::fs::copy(c.json_path(&tip), c.json_path(&impostor))?;
     let port = c.addr.rsplit(':').next().unwrap_or("0").to_owned();
     c.start_dispatcher(&port)?;
     c.dispatcher()
         .wait_for(&["imported as finished", "imported=1"], WAIT)?;
+    c.dispatcher().wait_for(
+        &["names another commit", &format!("commit={impostor}")],
+        WAIT,
+    )?;
+    ensure!(
+        c.run_detail(&impostor)?.is_none(),
+        "the impostor is in the history"
+    );
     let detail = c
         .run_detail(&tip)?
         .context("the tip is not in the history")?;

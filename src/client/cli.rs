@@ -31,6 +31,10 @@ use tinyci_proto::{
 use super::{follow_log, hook, Client, ClientError, FollowEvent};
 use crate::net;
 
+/// How long `wait --timeout` lets the dispatcher take to answer its first question, however
+/// short the timeout.
+const FIRST_LOOK: Duration = Duration::from_secs(1);
+
 /// Exit codes of `tinyci` (see the module documentation).
 pub mod code {
     /// The run succeeded, or the command did what it was asked.
@@ -700,6 +704,8 @@ async fn wait(
     json: bool,
     style: Style,
 ) -> Result<u8, ClientError> {
+    // A timeout too large to add to the clock is no timeout.
+    let timeout = timeout.filter(|d| tokio::time::Instant::now().checked_add(*d).is_some());
     let deadline = timeout.map(|d| tokio::time::Instant::now() + d);
     let first_look = async {
         let mut c = t.connect().await?;
@@ -707,10 +713,13 @@ async fn wait(
         let d = c.run(id.as_str()).await?;
         Ok::<_, ClientError>((id, d))
     };
-    // --timeout bounds the whole wait, a dispatcher that does not answer included.
-    let (id, d) = match (deadline, timeout) {
-        (Some(at), Some(limit)) => {
-            tokio::time::timeout_at(at, first_look)
+    // --timeout bounds the whole wait, a dispatcher that does not answer included; the
+    // first answer gets at least FIRST_LOOK, so that `--timeout 0s` still tells a
+    // finished run.
+    let (id, d) = match timeout {
+        Some(limit) => {
+            let limit = limit.max(FIRST_LOOK);
+            tokio::time::timeout(limit, first_look)
                 .await
                 .map_err(|_| {
                     ClientError::Proto(tinyci_proto::ProtoError::Timeout(
@@ -719,7 +728,7 @@ async fn wait(
                     ))
                 })??
         }
-        _ => first_look.await?,
+        None => first_look.await?,
     };
     let state = if d.summary.state.is_finished() {
         Some(d.summary.state)
@@ -771,18 +780,46 @@ async fn submit(
     json: bool,
 ) -> Result<u8, ClientError> {
     let mut ids = Vec::new();
+    let mut client = None;
     for a in args {
         match name_commit(a)? {
-            Named::Id(id) => ids.push(id),
+            Named::Id(id) => match crate::git::look_up_here(&id) {
+                crate::git::HereSays::NotACommit(what) => {
+                    return Err(ClientError::NotFound(format!(
+                        "{a} is {what} in the repository here, not a commit"
+                    )))
+                }
+                crate::git::HereSays::Commit(c) => ids.push(c),
+                crate::git::HereSays::Missing => {
+                    eprintln!("tinyci: note: {id} is not in the repository here; if origin does not have it either (not pushed yet, or a typo), it waits in the queue until origin does (tinyci why {})", id.short());
+                    ids.push(id);
+                }
+                crate::git::HereSays::NoRepository => ids.push(id),
+            },
+            // A prefix no repository here resolves: one the dispatcher knows (a re-run).
             Named::Prefix(p) => {
-                return Err(ClientError::NotFound(format!(
-                    "{p:?}: name the commit in full, or run tinyci inside a repository that has it"
-                )))
+                let c = match &mut client {
+                    Some(c) => c,
+                    None => client.insert(t.connect().await?),
+                };
+                match c.run(&p).await {
+                    Ok(d) => ids.push(d.summary.commit),
+                    Err(ClientError::NotFound(_)) => {
+                        return Err(ClientError::NotFound(format!(
+                            "{p:?} names no commit the dispatcher knows: name the commit in full, or run tinyci inside a repository that has it"
+                        )))
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
     }
     let n = ids.len();
-    let s = t.connect().await?.submit(ids, branch, front, rerun).await?;
+    let mut client = match client {
+        Some(c) => c,
+        None => t.connect().await?,
+    };
+    let s = client.submit(ids, branch, front, rerun).await?;
     if json {
         print_json(&json!({"queued": s.queued, "known": s.known}));
     } else {

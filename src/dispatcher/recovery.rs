@@ -146,6 +146,9 @@ pub fn import_result_files(dir: &Path, store: &mut dyn Store) -> Result<(), Stor
     let mut imported = 0usize;
     for commit in results::finished_commits(dir).map_err(io_err("listing result files"))? {
         match results::read_result(dir, &commit).and_then(|r| r.to_run()) {
+            Ok(run) if run.commit != commit => {
+                warn!(commit = %commit, says = %run.commit, "result file not imported: it names another commit; it stays on disk, and the commit runs again if submitted");
+            }
             Ok(run) => {
                 store.stage(Op::Imported { run });
                 imported += 1;

@@ -45,6 +45,11 @@ pub const ORIGIN_RETRY_FIRST: Duration = Duration::from_secs(5);
 /// The longest wait between two looks for a commit origin did not have.
 pub const ORIGIN_RETRY_MAX: Duration = Duration::from_secs(600);
 
+/// How long a commit may wait for origin to have it (from the first time it did not, in
+/// this dispatcher's life) before it is given up as `error`: a typo, or a commit that
+/// will never be pushed.
+pub const ORIGIN_WAIT_LIMIT: Duration = Duration::from_secs(24 * 3600);
+
 /// How the failure of an attempt whose runner was lost begins.
 const LOST: &str = "the runner was lost";
 
@@ -127,8 +132,11 @@ pub struct Entry {
     /// Origin did not have it when a runner last looked: not handed out before this time
     /// (or before commits are submitted, which may mean it was pushed).
     pub retry_at: Option<SystemTime>,
-    /// How many times in a row origin did not have it (the wait doubles with each).
+    /// How many times origin did not have it (the wait doubles with each). These
+    /// hand-outs are not held against the limit on hand-outs: [`ORIGIN_WAIT_LIMIT`] is.
     pub origin_misses: u32,
+    /// When origin first did not have it.
+    pub first_miss: Option<SystemTime>,
 }
 
 impl Entry {
@@ -144,6 +152,7 @@ impl Entry {
             cancel_requested: false,
             retry_at: None,
             origin_misses: 0,
+            first_miss: None,
         }
     }
 
@@ -478,21 +487,41 @@ impl Scheduler {
     /// The runner holding `job` handed it back because its origin has no such commit (not
     /// pushed yet, or a mirror that lags). Not counted; the commit stays at the front of
     /// the queue but is not handed out again for a while ([`ORIGIN_RETRY_FIRST`], doubling
-    /// up to [`ORIGIN_RETRY_MAX`]), or until [`Scheduler::origin_moved`]. It is given up
-    /// only by the limit on hand-outs, as every uncounted hand-back is.
+    /// up to [`ORIGIN_RETRY_MAX`]), or until [`Scheduler::origin_moved`]. These hand-outs
+    /// do not count towards the limit on hand-outs (submissions may end many pauses); it
+    /// is given up once origin has lacked it for [`ORIGIN_WAIT_LIMIT`].
     pub fn not_in_origin(
         &mut self,
         job: JobId,
         reason: String,
         now: SystemTime,
     ) -> Result<Lost, Refusal> {
-        let lost = self.give_back(job, reason, false, now)?;
+        let commit = self
+            .jobs
+            .get(&job)
+            .cloned()
+            .ok_or(Refusal::NotOutstanding(job))?;
+        let entry = self
+            .active
+            .get_mut(&commit)
+            .ok_or(Refusal::NotOutstanding(job))?;
+        let before = (entry.origin_misses, entry.first_miss);
+        entry.origin_misses += 1;
+        entry.first_miss.get_or_insert(now);
+        let lost = match self.give_back(job, reason, false, now) {
+            Ok(lost) => lost,
+            Err(e) => {
+                if let Some(entry) = self.active.get_mut(&commit) {
+                    (entry.origin_misses, entry.first_miss) = before;
+                }
+                return Err(e);
+            }
+        };
         if let Lost::Requeued { commit, .. } = &lost {
             if let Some(e) = self.active.get_mut(commit) {
                 let wait = ORIGIN_RETRY_FIRST
-                    .saturating_mul(1 << e.origin_misses.min(16))
+                    .saturating_mul(1 << (e.origin_misses - 1).min(16))
                     .min(ORIGIN_RETRY_MAX);
-                e.origin_misses += 1;
                 e.retry_at = Some(now + wait);
                 self.missing.insert(commit.clone());
             }
@@ -544,8 +573,13 @@ impl Scheduler {
         if !counted {
             entry.attempts = entry.attempts.saturating_sub(1);
         }
-        let handouts = entry.failures.len() as u32;
+        // Looks for a commit origin did not have are not held against it (a submission
+        // may end a pause at any time); waiting too long for origin is.
+        let handouts = (entry.failures.len() as u32).saturating_sub(entry.origin_misses);
         let exhausted = counted && entry.attempts >= self.max_attempts;
+        let origin_gave_up = entry
+            .first_miss
+            .is_some_and(|t| now.duration_since(t).unwrap_or_default() >= ORIGIN_WAIT_LIMIT);
         if entry.cancel_requested {
             let entry = self.active.remove(&commit)?;
             let result = cancelled_result(commit, &entry, now);
@@ -555,7 +589,10 @@ impl Scheduler {
                 result,
             });
         }
-        if !exhausted && handouts < self.max_attempts.saturating_mul(HANDOUT_LIMIT_FACTOR) {
+        if !exhausted
+            && !origin_gave_up
+            && handouts < self.max_attempts.saturating_mul(HANDOUT_LIMIT_FACTOR)
+        {
             self.queue.push_front(commit.clone());
             return Some(Lost::Requeued {
                 commit,
@@ -573,7 +610,11 @@ impl Scheduler {
             queued_at: entry.queued_at,
             started_at: entry.started_at,
             finished_at: now,
-            error: Some(give_up_message(&entry, exhausted)),
+            error: Some(if origin_gave_up {
+                give_up_on_origin(&entry)
+            } else {
+                give_up_message(&entry, exhausted)
+            }),
         };
         Some(Lost::GaveUp {
             job,
@@ -860,7 +901,7 @@ impl Scheduler {
     fn waiting(&self, at: usize, e: &Entry) -> String {
         let mut why = if e.retry_at.is_some() {
             format!(
-                "origin had no such commit when a runner looked ({} time(s) in a row): not pushed yet? It is tried again after a pause that doubles up to {} min, and at once when commits are submitted (`tinyci submit` it after pushing)",
+                "origin had no such commit when a runner looked ({} time(s)): not pushed yet? It is tried again after a pause that doubles up to {} min, and at once when commits are submitted (`tinyci submit` it after pushing)",
                 e.origin_misses,
                 ORIGIN_RETRY_MAX.as_secs() / 60
             )
@@ -952,6 +993,20 @@ fn cancelled_result(commit: CommitId, entry: &Entry, now: SystemTime) -> Finishe
             "cancelled".to_owned()
         }),
     }
+}
+
+/// The `error` of a commit origin never had.
+fn give_up_on_origin(entry: &Entry) -> String {
+    let last = entry
+        .failures
+        .last()
+        .map(|f| format!("; the last look, on {}: {}", f.runner, f.reason))
+        .unwrap_or_default();
+    format!(
+        "gave up: origin did not have this commit in {} looks over {} hours (never pushed, or a typo?){last}",
+        entry.origin_misses,
+        ORIGIN_WAIT_LIMIT.as_secs() / 3600
+    )
 }
 
 /// The `error` of a commit given up: how many attempts, and every attempt's runner and
@@ -1119,6 +1174,41 @@ mod tests {
         assert_eq!((a.commit.clone(), a.attempt), (c(1), 1));
         let r = s.finish(a.job, ok(), at).unwrap();
         assert_eq!((r.status, r.attempts), (RunStatus::Success, 1));
+    }
+
+    /// Submissions end the pause as often as they come; those looks are not held against
+    /// the commit (30 of them gave it up as `error` within seconds). A day of misses is.
+    #[test]
+    fn looks_for_a_missing_commit_do_not_use_up_its_hand_outs_but_a_day_of_them_does() {
+        let t0 = now();
+        let mut s = Scheduler::new(3);
+        s.submit(c(1), t0);
+        s.add_runner(RunnerId(1), "a".into(), false);
+        for n in 0..100u64 {
+            let at = t0 + Duration::from_secs(n);
+            s.origin_moved();
+            let a = s.assign(at).remove(0);
+            let lost = s.not_in_origin(a.job, "no such commit".into(), at).unwrap();
+            assert!(matches!(lost, Lost::Requeued { .. }), "look {n}: {lost:?}");
+        }
+        assert_eq!(s.entry(&c(1)).unwrap().origin_misses, 100);
+        // Other hand-backs still have their limit, misses aside.
+        s.origin_moved();
+        let day = t0 + ORIGIN_WAIT_LIMIT;
+        let a = s.assign(day).remove(0);
+        let Lost::GaveUp { result, .. } = s
+            .not_in_origin(a.job, "no such commit".into(), day)
+            .unwrap()
+        else {
+            panic!("not given up after a day")
+        };
+        assert_eq!(result.status, RunStatus::Error);
+        let error = result.error.unwrap();
+        assert!(
+            error.contains("did not have this commit in 101 looks"),
+            "{error}"
+        );
+        assert!(error.len() < 300, "{error}");
     }
 
     #[test]

@@ -249,6 +249,42 @@ pub fn resolve_here(name: &str) -> Option<CommitId> {
     commit_id(commit.id()).ok()
 }
 
+/// What the repository of the current directory says of a full object id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HereSays {
+    /// There is no repository here (or it cannot be read): nothing is known.
+    NoRepository,
+    /// The repository here does not have it.
+    Missing,
+    /// A commit, or a tag that points at one: this commit.
+    Commit(CommitId),
+    /// Another kind of object ("blob", "tree", a tag of one of them).
+    NotACommit(&'static str),
+}
+
+/// Looks `id` up in the repository of the current directory.
+pub fn look_up_here(id: &CommitId) -> HereSays {
+    let Some(repo) = open_here() else {
+        return HereSays::NoRepository;
+    };
+    let Ok(oid) = git2::Oid::from_str(id.as_str()) else {
+        return HereSays::Missing;
+    };
+    let Ok(obj) = repo.find_object(oid, None) else {
+        return HereSays::Missing;
+    };
+    let says = match obj.peel_to_commit() {
+        Ok(c) => commit_id(c.id()).map_or(HereSays::Missing, HereSays::Commit),
+        Err(_) => HereSays::NotACommit(match obj.kind() {
+            Some(git2::ObjectType::Blob) => "a blob (a file's contents)",
+            Some(git2::ObjectType::Tree) => "a tree (a directory)",
+            Some(git2::ObjectType::Tag) => "a tag of something that is not a commit",
+            _ => "not a commit",
+        }),
+    };
+    says
+}
+
 /// The git directory of the repository at `path` (bare or not), made absolute, and
 /// whether it is bare.
 pub fn git_dir_of(path: &Path) -> Result<(std::path::PathBuf, bool), GitError> {

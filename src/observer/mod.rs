@@ -108,10 +108,15 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), ObserverError
     // warning, and the observer would start from scratch at every restart.
     if let Some(dir) = state_path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.is_dir() {
+            let what = if dir.exists() {
+                "is not a directory"
+            } else {
+                "does not exist"
+            };
             return Err(ObserverError::State {
                 path: state_path.display().to_string(),
                 message: format!(
-                    "its directory {} does not exist; create it or pass another --state-file",
+                    "its directory {} {what}; create it or pass another --state-file",
                     dir.display()
                 ),
             });

@@ -84,36 +84,45 @@ impl Core {
         if let Some(why) = &self.trouble {
             let reason = submissions_refused(why);
             warn!(commits = commits.len(), reason, "submission refused");
-            batch.acks.push((reply, FromDispatcher::Error { reason }));
+            // Nothing was taken: the refusal waits for no transaction (it waited for the
+            // next failed try, up to the database's 5 s busy timeout).
+            let _ = reply.send(FromDispatcher::Error { reason });
             return;
         }
         // Something was pushed, most likely: commits origin did not have may be there now.
         self.sched.origin_moved();
         let (mut queued, mut known) = (0u32, 0u32);
         // To the front, the oldest must end up first: put them there newest first.
-        let order: Box<dyn Iterator<Item = CommitId>> = if front {
-            Box::new(commits.into_iter().rev())
+        let order: Vec<CommitId> = if front {
+            commits.into_iter().rev().collect()
         } else {
-            Box::new(commits.into_iter())
+            commits
         };
-        for commit in order {
+        // Every question first: a read that fails refuses the whole submission before
+        // anything of it is taken (a refusal means nothing happened).
+        let mut known_before = Vec::with_capacity(order.len());
+        for commit in &order {
             // Queued or running: the scheduler knows. Finished: the database does, or,
             // until that is durable, the store thread.
-            let recorded = if self.sched.is_active(&commit) || self.store.is_finishing(&commit) {
+            let recorded = if self.sched.is_active(commit) || self.store.is_finishing(commit) {
                 true
             } else {
-                match self.history.is_recorded(&commit) {
+                match self.history.is_recorded(commit) {
                     // A finished commit is queued again only when a re-run is asked for.
                     Ok(r) => r && !rerun,
                     Err(e) => {
                         let reason = submissions_refused(&e);
                         warn!(commit = %commit, reason, "submission refused");
-                        batch.acks.push((reply, FromDispatcher::Error { reason }));
+                        let _ = reply.send(FromDispatcher::Error { reason });
                         return;
                     }
                 }
             };
-            if recorded {
+            known_before.push(recorded);
+        }
+        for (commit, recorded) in order.into_iter().zip(known_before) {
+            // (Named twice in one submission: queued by the first.)
+            if recorded || self.sched.is_active(&commit) {
                 debug!(commit = %commit, "already known");
                 known += 1;
                 continue;

@@ -556,10 +556,7 @@ impl Core {
     /// Notes that the database was written again.
     fn store_works(&mut self) {
         if let Some(was) = self.trouble.take() {
-            info!(
-                was,
-                "the journal is writable again (the database commits); accepting submissions"
-            );
+            info!(was, "the database is writable again; accepting submissions");
         }
     }
 

@@ -349,8 +349,9 @@ fn a_wake_up_taken_in_the_middle_of_a_batch_still_lets_out_what_it_announces() {
 /// not recorded yet. (It heard the dispatcher refused, exit 70, and the commit ran later.)
 #[test]
 fn a_submission_whose_commit_fails_is_told_not_recorded_and_recorded_by_the_retry() {
+    let store_gate = GateControl::new();
     let core = start(
-        GateControl::new().gate,
+        store_gate.gate.clone(),
         GateControl::new().gate,
         mpsc::channel().0,
     );
@@ -362,14 +363,32 @@ fn a_submission_whose_commit_fails_is_told_not_recorded_and_recorded_by_the_retr
         other => panic!("expected NotRecorded, got {other:?}"),
     }
     // While the database cannot be written, new submissions are refused outright: nothing
-    // of them is taken.
-    match core.submit(vec![commit(2)]) {
-        FromDispatcher::Error { reason } => {
+    // of them is taken, so the refusal waits for no try of the database (here, one held
+    // at the gate).
+    store_gate.arm();
+    store_gate.wait_entered("the store's next try");
+    let (reply, answer) = oneshot::channel();
+    core.events
+        .send(Event::Submit {
+            commits: vec![commit(2)],
+            branch: None,
+            front: false,
+            rerun: false,
+            reply,
+        })
+        .unwrap();
+    let (tx, refused) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(answer.blocking_recv());
+    });
+    match refused.recv_timeout(Duration::from_secs(3)) {
+        Ok(Ok(FromDispatcher::Error { reason })) => {
             assert!(reason.contains("cannot record new commits"), "{reason}");
         }
-        other => panic!("expected a refusal, got {other:?}"),
+        other => panic!("expected a refusal at once, got {other:?}"),
     }
     core.fail.store(false, Ordering::SeqCst);
+    store_gate.open();
 
     let reader = SqliteReader::open(core.dir.path()).unwrap();
     let deadline = std::time::Instant::now() + WAIT;

@@ -248,7 +248,7 @@ fn commit_until_closed(
             if lost {
                 match store.rescue() {
                     Ok(to) => {
-                        tracing::error!(to = %to.display(), "saved the database; the next start puts it in place: start the dispatcher again")
+                        tracing::error!(to = %to.display(), "saved the database; {}", super::watch::what_next(&to))
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot save the database: the history since it was opened is lost")

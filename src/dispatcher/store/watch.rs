@@ -120,6 +120,17 @@ pub fn rescue_target(results_dir: &Path, ours: bool) -> (PathBuf, Option<crate::
     )
 }
 
+/// What a person does with the copy saved at `to` by [`rescue_target`]'s choice.
+pub fn what_next(to: &Path) -> String {
+    if to.file_name() == Some(std::ffi::OsStr::new(RESCUED_FILE)) {
+        return "the next start puts it in place: start the dispatcher again".into();
+    }
+    format!(
+        "it could not go where the next start looks ({STATE_DIR} is held by another process, or is not a directory): to restore this history, stop every dispatcher on this results directory, make {STATE_DIR} a directory, move {} to {STATE_DIR}/{RESCUED_FILE} and start one (the database there is replaced)",
+        to.display()
+    )
+}
+
 /// Puts a database saved by a dispatcher that lost its files in place of `db` (and drops
 /// `db`'s `-wal` and `-shm`, which belong to the lost one). Call it with the state
 /// directory locked and before anything opens the database. Returns whether there was one.
@@ -139,6 +150,16 @@ pub fn install_rescued(db: &Path) -> std::io::Result<bool> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
+    }
+    // The result files may have gone with the rest (`rm -rf test_results`): the start
+    // checks every one against the database and rewrites what is missing.
+    if let Err(e) = rusqlite::Connection::open(&rescued).and_then(|c| {
+        c.execute(
+            "UPDATE commits SET file_synced = 0 WHERE status = 'finished'",
+            [],
+        )
+    }) {
+        tracing::warn!(error = %e, "cannot mark the saved database's result files for a check; missing ones are not rewritten");
     }
     std::fs::rename(&rescued, db)?;
     Ok(true)
@@ -175,6 +196,34 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_saved_aside_says_how_to_restore_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join(STATE_DIR);
+        // Ours: in place for the next start.
+        std::fs::create_dir(&state).unwrap();
+        let (to, lock) = rescue_target(dir.path(), true);
+        assert_eq!(to, state.join(RESCUED_FILE));
+        assert!(lock.is_none());
+        assert!(what_next(&to).contains("the next start puts it in place"));
+        // Held by another process (a second dispatcher): aside, with what to do.
+        let other = crate::lock::DirLock::acquire(&state, "dispatcher").unwrap();
+        let (to, lock) = rescue_target(dir.path(), false);
+        assert!(lock.is_none());
+        assert_eq!(to.parent(), Some(dir.path()));
+        let next = what_next(&to);
+        assert!(next.contains("stop every dispatcher"), "{next}");
+        assert!(next.contains(&to.display().to_string()), "{next}");
+        drop(other);
+        // A plain file where the directory was: aside too.
+        std::fs::remove_dir(&state).unwrap();
+        std::fs::write(&state, "").unwrap();
+        let (to, _) = rescue_target(dir.path(), false);
+        assert_ne!(to.file_name(), Some(std::ffi::OsStr::new(RESCUED_FILE)));
+        let e = crate::results::prepare_dir(dir.path()).unwrap_err();
+        assert!(e.to_string().contains(".tinyci is not a directory"), "{e}");
+    }
+
+    #[test]
     fn a_rescued_database_is_put_in_place_without_the_old_wal() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("tinyci.db");
@@ -183,7 +232,11 @@ mod tests {
         std::fs::write(dir.path().join("tinyci.db-wal"), "old wal").unwrap();
         std::fs::write(dir.path().join(RESCUED_FILE), "saved").unwrap();
         assert!(install_rescued(&db).unwrap());
-        assert_eq!(std::fs::read_to_string(&db).unwrap(), "saved");
+        assert_eq!(
+            std::fs::read_to_string(&db).unwrap(),
+            "saved",
+            "not a database: as is"
+        );
         assert!(!dir.path().join("tinyci.db-wal").exists());
         assert!(!dir.path().join(RESCUED_FILE).exists());
     }
