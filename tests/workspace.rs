@@ -1046,3 +1046,17 @@ fn second_observer_on_the_same_clone_is_refused() -> Result<()> {
     expect_success(&c, &sha)?;
     Ok(())
 }
+
+#[test]
+fn missing_loose_objects_and_alternates_are_repaired() -> Result<()> {
+    damage_then_check(
+        "rm -f .git/objects/info/alternates && find .git/objects -path '*/??/*' -type f -delete",
+    )?;
+    Ok(())
+}
+
+#[test]
+fn head_naming_a_missing_object_is_repaired() -> Result<()> {
+    damage_then_check("echo 1234567890123456789012345678901234567890 > .git/HEAD")?;
+    Ok(())
+}

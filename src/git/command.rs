@@ -213,7 +213,13 @@ impl Git<'_> {
             Ok(st) => Err(GitError::new(
                 what,
                 format!("git exited with {st}{}", tail(&err)),
-                kind,
+                if kind == GitErrorKind::Unreachable && clone_is_damaged(&err) {
+                    // Origin answered; our own refs or objects are broken. Not a reason to
+                    // pause for an origin that is fine: the clone is repaired instead.
+                    GitErrorKind::Damaged
+                } else {
+                    kind
+                },
             )),
             Err(e) => Err(GitError::new(
                 what,
@@ -222,6 +228,22 @@ impl Git<'_> {
             )),
         }
     }
+}
+
+/// Whether git's complaint is about the local repository (a ref naming a missing object,
+/// objects missing or corrupt), not about reaching origin.
+fn clone_is_damaged(stderr: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(stderr).to_ascii_lowercase();
+    [
+        "fatal: bad object",
+        "did not send all necessary objects",
+        "is corrupt",
+        "unable to read sha1 file",
+        "loose object",
+        "index file corrupt",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
 }
 
 /// Reads what is there (0 at end of stream or on a read error).
@@ -293,6 +315,51 @@ mod tests {
         assert_eq!(e.kind, GitErrorKind::Unreachable, "{e}");
         assert!(e.to_string().contains("no answer within"), "{e}");
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    /// A fetch that fails because a ref of the clone names a missing object is the
+    /// clone's trouble, not origin's: the runner repairs the clone instead of pausing for
+    /// an origin that answers (it paused and resumed every 0.6 s).
+    #[tokio::test]
+    async fn a_fetch_that_fails_on_a_broken_ref_of_the_clone_is_damage_not_unreachable() {
+        let dir = tempfile::tempdir().unwrap();
+        let sh = |script: &str| {
+            let ok = std::process::Command::new("sh")
+                .args(["-c", script])
+                .current_dir(dir.path())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "{script}");
+        };
+        sh("git init -q o && git -C o -c user.name=t -c user.email=t@t commit -q --allow-empty -m a \
+            && git clone -q o c && echo 1234567890123456789012345678901234567890 > c/.git/HEAD");
+        let cancel = CancellationToken::new();
+        let clone = dir.path().join("c");
+        let git = Git {
+            dir: &clone,
+            limits: FetchLimits::default(),
+            cancel: &cancel,
+            local: true,
+        };
+        let e = git
+            .run("fetching", GitErrorKind::Unreachable, ["fetch", "origin"])
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, GitErrorKind::Damaged, "{e}");
+        // Origin really away stays unreachable.
+        let git = Git {
+            dir: &clone,
+            limits: FetchLimits::default(),
+            cancel: &cancel,
+            local: true,
+        };
+        sh("mv o gone");
+        let e = git
+            .run("fetching", GitErrorKind::Unreachable, ["fetch", "origin"])
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, GitErrorKind::Unreachable, "{e}");
     }
 
     #[tokio::test]

@@ -328,7 +328,27 @@ impl Workspace {
     async fn heal(&mut self, commit: &CommitId, done: &mut Prepared) -> Result<(), GitError> {
         let git_dir = self.clone.git_dir.clone();
         let head = git_dir.join("HEAD");
-        let head_ok = fs::read(&head).is_ok_and(|b| valid_head(&b));
+        let bytes = fs::read(&head).ok();
+        let mut head_ok = bytes.as_deref().is_some_and(valid_head);
+        // A step that wrote an id into HEAD: the object must exist, or the checkout would
+        // leave a reflog entry naming it, which `git fsck` in the next commit's steps
+        // reports (a good commit failing for an earlier one's doing).
+        if let Some(moved) = bytes
+            .as_deref()
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .map(|t| t.trim_end_matches('\n').to_owned())
+            .filter(|t| head_ok && !t.starts_with("ref: "))
+            .filter(|t| !self.last.as_ref().is_some_and(|l| l.as_str() == t))
+        {
+            let dir = git_dir.clone();
+            head_ok = blocking(move || {
+                Ok(git2::Repository::open(&dir)
+                    .ok()
+                    .zip(git2::Oid::from_str(&moved).ok())
+                    .is_some_and(|(repo, oid)| repo.find_commit(oid).is_ok()))
+            })
+            .await?;
+        }
         if !head_ok {
             // Back to what the index matches: the last commit we checked out.
             let at = self.last.as_ref().unwrap_or(commit);
