@@ -37,6 +37,9 @@ git log --oneline >/dev/null || fail "git log"
 git diff --quiet HEAD || { git diff --stat HEAD; fail "git diff --quiet HEAD"; }
 git diff --quiet --cached HEAD || fail "the index differs from HEAD"
 git fsck --connectivity-only --no-dangling >/dev/null 2>&1 || { git fsck --connectivity-only --no-dangling; fail "git fsck: objects missing"; }
+[ "$(git rev-parse --is-shallow-repository)" = false ] || fail "the clone is shallow"
+[ -z "$(git replace -l)" ] || fail "objects are replaced: $(git replace -l)"
+[ ! -e "$(git rev-parse --git-path BISECT_LOG)" ] || fail "a bisect is under way"
 bad=$(git ls-files -z | xargs -0 -r dirname -z | sort -zu | xargs -0 -r stat -c '%a %n' | grep -v '^7')
 [ -z "$bad" ] || fail "tracked directories the owner cannot use (mode, name): $bad"
 echo "GIT-CHECK-OK $(git describe --always) $(git rev-list --count HEAD) commits"
@@ -1058,5 +1061,47 @@ fn missing_loose_objects_and_alternates_are_repaired() -> Result<()> {
 #[test]
 fn head_naming_a_missing_object_is_repaired() -> Result<()> {
     damage_then_check("echo 1234567890123456789012345678901234567890 > .git/HEAD")?;
+    Ok(())
+}
+
+// Damage found by a hostile test: each left the runner broken for every later commit
+// (an error every time, or a job that hung for ever and ignored SIGTERM), or a later good
+// commit failing.
+
+#[test]
+fn a_fifo_in_place_of_git_head_does_not_hang_the_next_job() -> Result<()> {
+    damage_then_check("rm .git/HEAD && mkfifo .git/HEAD")?;
+    Ok(())
+}
+
+#[test]
+fn a_directory_in_place_of_git_config_is_repaired() -> Result<()> {
+    damage_then_check("rm .git/config && mkdir .git/config")?;
+    Ok(())
+}
+
+#[test]
+fn an_objects_symlink_to_nowhere_is_repaired() -> Result<()> {
+    damage_then_check("rm -rf .git/objects && ln -s /nonexistent/objects .git/objects")?;
+    Ok(())
+}
+
+#[test]
+fn a_clone_made_shallow_by_a_step_is_whole_again() -> Result<()> {
+    damage_then_check("git rev-parse HEAD > .git/shallow")?;
+    Ok(())
+}
+
+#[test]
+fn replaced_objects_and_a_bisect_left_by_a_step_are_removed() -> Result<()> {
+    damage_then_check(
+        "git replace $(git rev-parse HEAD:ci/git_check.sh) $(echo 'exit 1' | git hash-object -w --stdin) && git bisect start",
+    )?;
+    Ok(())
+}
+
+#[test]
+fn a_step_that_deletes_the_whole_clone_does_not_break_the_runner() -> Result<()> {
+    damage_then_check("d=$(pwd) && cd / && rm -rf \"$d\"")?;
     Ok(())
 }

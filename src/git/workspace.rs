@@ -66,6 +66,44 @@ const CONTROL_FILES: &[&str] = &[
     "info/attributes",
     "info/sparse-checkout",
     "info/grafts",
+    // Made by a step, these would make the clone shallow, or have git read another
+    // repository's config and refs.
+    "shallow",
+    "commondir",
+];
+
+/// Entries under `.git` that must be plain files when present: a step may leave a
+/// directory or a FIFO there (reading a FIFO blocks for ever). Anything else is removed
+/// before the job, and rebuilt from what the runner kept or by git.
+const PLAIN_FILES: &[&str] = &[
+    "HEAD",
+    "config",
+    "index",
+    "packed-refs",
+    "shallow",
+    "commondir",
+    "objects/info/alternates",
+    "info/attributes",
+    "info/sparse-checkout",
+    "info/grafts",
+    SECURED_FILE,
+];
+
+/// What a step's git may leave under `.git` that changes what the next commit's steps
+/// see, and that the runner never makes itself: removed before each job. (`refs/replace`
+/// swaps objects for others; a commit-graph is only a cache, and a garbled one fails
+/// `git fsck`; the rest is an unfinished bisect.)
+const LEFTOVERS: &[&str] = &[
+    "refs/replace",
+    "objects/info/commit-graph",
+    "objects/info/commit-graphs",
+    "BISECT_LOG",
+    "BISECT_START",
+    "BISECT_TERMS",
+    "BISECT_EXPECTED_REV",
+    "BISECT_ANCESTORS_OK",
+    "BISECT_NAMES",
+    "BISECT_RUN",
 ];
 
 /// Lock files git leaves when it is killed; nothing of ours runs between jobs, so any
@@ -220,11 +258,23 @@ impl Workspace {
     ) -> Result<Prepared, GitError> {
         let mut done = Prepared::default();
         let started = Instant::now();
+        // A step may remove the whole clone (`rm -rf $PWD`): git cannot even start in it.
+        if !self.clone.path.is_dir() {
+            fs::create_dir_all(&self.clone.path)
+                .map_err(io("making the clone's directory again"))?;
+        }
         if !self.clone.git_dir.is_dir() {
             self.reclone("its .git directory is gone", &mut done, cancel)
                 .await?;
-        } else {
-            self.heal(commit, &mut done).await?;
+        } else if let Err(e) = self.heal(commit, &mut done).await {
+            // Whatever a step did that the repairs cannot undo (a directory where a file
+            // must be, a dangling objects symlink…): a fresh clone, rather than the same
+            // error for every commit from now on.
+            if e.kind == GitErrorKind::Cancelled {
+                return Err(e);
+            }
+            self.reclone(&format!("repairing it failed: {e}"), &mut done, cancel)
+                .await?;
         }
         done.phases.push(("heal", started.elapsed()));
         let started = Instant::now();
@@ -327,6 +377,27 @@ impl Workspace {
     /// enough for every job.
     async fn heal(&mut self, commit: &CommitId, done: &mut Prepared) -> Result<(), GitError> {
         let git_dir = self.clone.git_dir.clone();
+        for rel in PLAIN_FILES {
+            let p = git_dir.join(rel);
+            let plain = match fs::metadata(&p) {
+                Ok(m) => m.is_file(),
+                Err(_) => true, // absent (or a dangling symlink): nothing to read
+            };
+            if !plain {
+                remove_tree(&p).map_err(io(
+                    "removing what a step left in place of a file under .git",
+                ))?;
+                done.repairs
+                    .push(format!(".git/{rel} was not a plain file; removed it"));
+            }
+        }
+        for rel in LEFTOVERS {
+            let p = git_dir.join(rel);
+            if fs::symlink_metadata(&p).is_ok() {
+                remove_tree(&p).map_err(io("removing what a step's git left under .git"))?;
+                done.repairs.push(format!("removed .git/{rel} a step left"));
+            }
+        }
         let head = git_dir.join("HEAD");
         let bytes = fs::read(&head).ok();
         let mut head_ok = bytes.as_deref().is_some_and(valid_head);
