@@ -1105,3 +1105,19 @@ fn a_step_that_deletes_the_whole_clone_does_not_break_the_runner() -> Result<()>
     damage_then_check("d=$(pwd) && cd / && rm -rf \"$d\"")?;
     Ok(())
 }
+
+#[test]
+fn a_git_symlink_to_origin_is_not_written_through() -> Result<()> {
+    let (c, _, _) = damage_then_check(
+        "u=$(git config remote.origin.url) && rm -rf .git && ln -s \"$u/.git\" .git",
+    )?;
+    // The master (the runners' origin) is as it was: on its branch, not detached at the
+    // runner's commit.
+    let head = git(&c.master.dir, &["symbolic-ref", "HEAD"])?;
+    ensure!(head.starts_with("refs/heads/"), "master's HEAD: {head}");
+    ensure!(
+        std::fs::symlink_metadata(c.runner_clones[0].join(".git"))?.is_dir(),
+        "the runner's .git is still a symlink"
+    );
+    Ok(())
+}

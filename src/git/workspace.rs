@@ -263,6 +263,15 @@ impl Workspace {
             fs::create_dir_all(&self.clone.path)
                 .map_err(io("making the clone's directory again"))?;
         }
+        // `.git` turned into a symlink by a step (to origin, say): git would write the
+        // runner's checkout into whatever it points at. The link goes; the clone is made
+        // again.
+        let dot_git = self.clone.path.join(".git");
+        if self.clone.git_dir == dot_git
+            && fs::symlink_metadata(&dot_git).is_ok_and(|m| m.file_type().is_symlink())
+        {
+            fs::remove_file(&dot_git).map_err(io("removing a .git symlink a step left"))?;
+        }
         if !self.clone.git_dir.is_dir() {
             self.reclone("its .git directory is gone", &mut done, cancel)
                 .await?;
