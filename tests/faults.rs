@@ -81,6 +81,14 @@ fn dispatcher_kill_and_restart_loses_nothing_and_adopts_running_jobs() -> Result
     for sha in &queued {
         assert_eq!(c.wait_result(sha, WAIT)?["status"], "success");
     }
+    // The log writer flushes when its queue empties: a line may trail the result file.
+    wait_until("every result's log line", WAIT, || {
+        let logs = c.all_dispatcher_logs();
+        queued
+            .iter()
+            .chain([&a])
+            .all(|sha| count(&logs, &["result recorded", &format!("commit={sha}")]) > 0)
+    })?;
     let logs = c.all_dispatcher_logs();
     for sha in queued.iter().chain([&a]) {
         assert_eq!(
