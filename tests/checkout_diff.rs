@@ -1078,6 +1078,23 @@ fn force_remove(p: &Path) {
     }
 }
 
+/// Whether the work tree (not `.git`) holds a FIFO anywhere.
+fn has_fifo(dir: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let Ok(ft) = e.file_type() else {
+            return false;
+        };
+        if ft.is_fifo() {
+            return true;
+        }
+        ft.is_dir() && e.file_name() != ".git" && has_fifo(&e.path())
+    })
+}
+
 fn mkfifo(p: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
         return false;
@@ -1242,7 +1259,9 @@ fn junk(rng: &mut Rng, clone: &Path, outside: &Path, light: bool) -> String {
             let _ = std::fs::write(clone.join(".git/index.lock"), b"");
             "stale .git/index.lock".into()
         }
-        15 => {
+        // git opens a FIFO that stands where a tracked file was, and waits for ever: a
+        // step's commit is only made when an earlier junk of this round made none.
+        15 if !has_fifo(clone) => {
             let r = git(
                 clone,
                 &[
