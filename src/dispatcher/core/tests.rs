@@ -226,8 +226,8 @@ fn start(store_gate: Gate, read_gate: Gate, woke: Sender<()>) -> Running {
 }
 
 impl Running {
-    /// Submits `commits` and returns the answer.
-    fn submit(&self, commits: Vec<CommitId>) -> FromDispatcher {
+    /// Submits `commits`; the answer comes on the receiver.
+    fn send_submit(&self, commits: Vec<CommitId>) -> oneshot::Receiver<FromDispatcher> {
         let (reply, answer) = oneshot::channel();
         self.events
             .send(Event::Submit {
@@ -238,7 +238,12 @@ impl Running {
                 reply,
             })
             .unwrap();
-        recv_within(answer, "the submission's answer")
+        answer
+    }
+
+    /// Submits `commits` and returns the answer.
+    fn submit(&self, commits: Vec<CommitId>) -> FromDispatcher {
+        recv_within(self.send_submit(commits), "the submission's answer")
     }
 }
 
@@ -367,16 +372,7 @@ fn a_submission_whose_commit_fails_is_told_not_recorded_and_recorded_by_the_retr
     // at the gate).
     store_gate.arm();
     store_gate.wait_entered("the store's next try");
-    let (reply, answer) = oneshot::channel();
-    core.events
-        .send(Event::Submit {
-            commits: vec![commit(2)],
-            branch: None,
-            front: false,
-            rerun: false,
-            reply,
-        })
-        .unwrap();
+    let answer = core.send_submit(vec![commit(2)]);
     let (tx, refused) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(answer.blocking_recv());
