@@ -436,18 +436,18 @@ impl Core {
     /// what they promised. A database that cannot be written ends the wait (what it could
     /// not record is reported again by the runners, or run again).
     fn finish(mut self) -> Result<(), StorageError> {
-        // Failing already (a lock held by another program, a full disk): one more try
-        // would wait out the database's busy timeout for nothing; the store thread does
-        // not try again either once closed.
-        if self.trouble.is_some() && self.store.has_unsettled() {
-            tracing::error!("stopping with changes the database could not record: unacknowledged results will be reported again by their runners, or run again");
-            return Ok(());
-        }
         while self.store.has_unsettled() {
-            match self.store.wait() {
+            // Failing already (a lock held by another program, a full disk), one more try
+            // would wait out the database's busy timeout for nothing; the store thread
+            // does not try again either once closed.
+            let answer = match self.trouble {
+                Some(_) => None,
+                None => self.store.wait(),
+            };
+            match answer {
                 Some(Committed::Lost(_)) => {}
                 Some(Committed::Failed { .. }) | None => {
-                    tracing::error!("stopping with changes the database could not record: unacknowledged results will be reported again by their runners, or run again");
+                    tracing::error!("{}", super::store::thread::UNRECORDED_AT_STOP);
                     return Ok(());
                 }
                 Some(Committed::Durable(_)) => {
@@ -460,8 +460,8 @@ impl Core {
     }
 
     /// Takes in the store thread's answers: notes trouble, tells the senders of failed
-    /// batches' submissions and cancels that they are not recorded yet, and lets out what durable batches promised. Returns whether any
-    /// batch was let out.
+    /// batches' submissions and cancels that they are not recorded yet, and lets out what
+    /// durable batches promised. Returns whether any batch was let out.
     fn settle(&mut self) -> bool {
         for answer in self.store.answers() {
             match answer {
@@ -547,7 +547,6 @@ impl Core {
     /// Notes that the database cannot be written: logged once, until it works again.
     fn store_failed(&mut self, e: &StoreError) {
         if self.trouble.is_none() {
-            // "journal": the database's write-ahead log is what a commit writes.
             tracing::error!(error = %e, transient = e.is_transient(), retry_every = ?STORE_RETRY, "cannot write the database: refusing new submissions and holding new work until it works again");
         }
         self.trouble = Some(e.to_string());

@@ -27,6 +27,9 @@ use super::{Op, Store, StoreError};
 /// How often a database that cannot be written is tried again.
 pub const STORE_RETRY: Duration = Duration::from_millis(500);
 
+/// Said once when the dispatcher stops with batches the database could not record.
+pub const UNRECORDED_AT_STOP: &str = "stopping with changes the database could not record: unacknowledged results will be reported again by their runners, or run again";
+
 /// What became of the batches sent so far.
 #[derive(Debug)]
 pub enum Committed {
@@ -232,7 +235,7 @@ fn commit_until_closed(
             }
             wake();
             if closed && failed {
-                tracing::error!("stopping with changes the database could not record: unacknowledged results will be reported again by their runners, or run again");
+                tracing::error!("{UNRECORDED_AT_STOP}");
             }
         }
         if !lost && Instant::now() >= next_look {
